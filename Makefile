@@ -1,0 +1,24 @@
+# The customers service. `make help` lists the targets.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+
+.PHONY: help run test lint clean
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(INSTALLED): requirements.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $@
+
+run: $(INSTALLED) ## Start the service (embedded durable Redis when DBHOST is unset)
+	$(BIN)/python src/server.py
+
+test: $(INSTALLED) ## Run every test, the real-cluster ones included
+	$(BIN)/python -m pytest
+
+clean: ## Remove the virtual environment (data/ is kept)
+	rm -rf $(VENV)

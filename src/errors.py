@@ -1,0 +1,49 @@
+"""Answer every error with one JSON shape: {"message": ...}."""
+
+import logging
+
+from flask import json
+from werkzeug.exceptions import HTTPException, InternalServerError, abort
+
+from storage import UNAVAILABLE
+
+log = logging.getLogger(__name__)
+RETRY_AFTER_SECONDS = 2
+
+
+def fail(status: int, message: str):
+    """Stop the request with an HTTP error and a message for the client."""
+    abort(status, description=message)
+
+
+def _json(status: int, message: str, headers=None):
+    body = json.dumps({"message": message}) + "\n"
+    return body, status, {**(headers or {}), "Content-Type": "application/json"}
+
+
+def http_error(error: HTTPException):
+    """Answer an HTTP error (404, 405, 413, ...) as JSON, keeping its headers."""
+    headers = {name: value for name, value in error.get_headers()
+               if name.lower() not in ("content-type", "content-length")}
+    return _json(error.code, error.description, headers)
+
+
+def database_unavailable(error: Exception):
+    """Answer a database outage with 503 and a hint of when to try again."""
+    log.warning("database unavailable: %s: %s", type(error).__name__, error)
+    return _json(503, "the database is unavailable; try again shortly",
+                 {"Retry-After": str(RETRY_AFTER_SECONDS)})
+
+
+def internal_error(error: InternalServerError):
+    """Answer a bug with a plain 500, keeping the traceback in the log only."""
+    log.error("unhandled error", exc_info=error.original_exception or error)
+    return _json(500, "internal error")
+
+
+def register(app) -> None:
+    """Install the JSON error handlers on the app."""
+    app.register_error_handler(HTTPException, http_error)
+    app.register_error_handler(InternalServerError, internal_error)
+    for error_class in UNAVAILABLE:
+        app.register_error_handler(error_class, database_unavailable)

@@ -1,0 +1,164 @@
+"""The customers service: a REST API over customer hashes in a Redis Cluster."""
+
+import contextlib
+import dataclasses
+import json
+import logging
+import sys
+
+from dotenv import find_dotenv, load_dotenv
+from flask import Flask, Response, url_for
+from flask_restful import Api, Resource
+
+import errors
+import validation
+from database import connect
+from embedded import EmbeddedError, EmbeddedRedis, find_redis_server
+from settings import Config, ConfigError, load_config
+from storage import CustomerStore, NotACustomer
+
+log = logging.getLogger("customers")
+STREAM_CHUNK_BYTES = 64 * 1024
+
+
+def no_content() -> Response:
+    """Answer 204 with no body and no content type."""
+    response = Response(status=204)
+    del response.headers["Content-Type"]
+    return response
+
+
+class JsonApi(Api):
+    """Flask-RESTful's Api, leaving every error to the app's JSON error handlers."""
+
+    def handle_error(self, e):
+        """Re-raise, so that Flask's handlers (see errors.py) answer."""
+        raise e
+
+
+def stream_json_array(items) -> Response:
+    """Answer with a JSON array written as the items arrive, never held whole in memory."""
+    items = iter(items)
+    # Reading the first item before answering turns an outage at the start into a 503.
+    first = next(items, None)
+
+    def chunks():
+        if first is None:
+            yield "[]\n"
+            return
+        buffer = ["[", json.dumps(first)]
+        size = 0
+        for item in items:
+            text = json.dumps(item)
+            buffer += [",", text]
+            size += len(text)
+            if size >= STREAM_CHUNK_BYTES:
+                yield "".join(buffer)
+                buffer, size = [], 0
+        buffer.append("]\n")
+        yield "".join(buffer)
+
+    return Response(chunks(), mimetype="application/json")
+
+
+class Customers(Resource):
+    """The collection of customers: list them all, or create one."""
+
+    def __init__(self, store: CustomerStore):
+        self.store = store
+
+    def get(self):
+        """List every customer."""
+        return stream_json_array(self.store.list())
+
+    def post(self):
+        """Create a customer under a new id."""
+        customer = self.store.create(validation.read_fields())
+        log.info("created customer %s", customer["id"])
+        return customer, 201, {"Location": url_for("customer", customer_id=customer["id"])}
+
+
+class Customers_ID(Resource):  # noqa: N801 - the name of the original design
+    """One customer: read, create or update, delete."""
+
+    def __init__(self, store: CustomerStore):
+        self.store = store
+
+    def get(self, customer_id):
+        """Return one customer."""
+        validation.check_id(customer_id)
+        customer = self.store.get(customer_id)
+        if customer is None:
+            errors.fail(404, f"customer {customer_id} does not exist")
+        return customer
+
+    def put(self, customer_id):
+        """Merge the given fields into a customer, creating it if absent; null removes a field."""
+        validation.check_id(customer_id)
+        fields = validation.read_fields(customer_id)
+        try:
+            self.store.merge(customer_id, fields)
+        except NotACustomer:
+            errors.fail(409, f"key of customer {customer_id} holds something that is not a customer")
+        return no_content()
+
+    def delete(self, customer_id):
+        """Delete a customer; deleting one that does not exist succeeds too."""
+        validation.check_id(customer_id)
+        self.store.delete(customer_id)
+        return no_content()
+
+
+def create_app(config: Config, redis_client) -> Flask:
+    """Build the app around a Redis or Redis Cluster client."""
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
+    errors.register(app)
+    store = CustomerStore(redis_client)
+    api = JsonApi(app)
+    resources = {"store": store}
+    api.add_resource(Customers, "/customers", resource_class_kwargs=resources)
+    api.add_resource(Customers_ID, "/customers/<customer_id>", endpoint="customer",
+                     resource_class_kwargs=resources)
+    return app
+
+
+@contextlib.contextmanager
+def database(config: Config):
+    """Yield the config to connect with, running the embedded Redis when no DBHOST is set."""
+    if not config.embedded:
+        yield config
+        return
+    embedded = EmbeddedRedis(config.data_dir, find_redis_server(config.redis_server),
+                             config.embedded_port)
+    host, port = embedded.start()
+    try:
+        yield dataclasses.replace(config, db_host=host, db_port=port, db_tls=False,
+                                  db_username=None, db_password=None)
+    finally:
+        embedded.stop()
+
+
+def main() -> int:
+    """Load .env and the environment, then serve until stopped."""
+    load_dotenv(find_dotenv(usecwd=True))
+    try:
+        config = load_config()
+    except ConfigError as error:
+        print(f"configuration error: {error}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=config.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import serving
+
+    try:
+        with database(config) as db_config:
+            serving.serve(lambda: create_app(db_config, connect(db_config)), config)
+    except EmbeddedError as error:
+        print(f"cannot start the embedded database: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""Serve the app with gunicorn's threaded workers."""
+
+from gunicorn.app.base import BaseApplication
+
+
+class Server(BaseApplication):
+    """Gunicorn, configured from our settings rather than its command line."""
+
+    def __init__(self, factory, options: dict):
+        self.factory = factory
+        self.options = options
+        super().__init__()
+
+    def load_config(self):
+        """Apply the options to gunicorn's settings."""
+        for name, value in self.options.items():
+            self.cfg.set(name, value)
+
+    def load(self):
+        """Build the app inside each worker, after the fork, so each has its own connections."""
+        return self.factory()
+
+
+def serve(factory, config) -> None:
+    """Serve the app built by factory until SIGTERM or SIGINT, then drain and return."""
+    Server(factory, {
+        "bind": f"{config.host}:{config.port}",
+        "workers": config.workers,
+        "threads": config.threads,
+        "worker_class": "gthread",
+        "graceful_timeout": 20,
+        "timeout": 60,
+        "loglevel": config.log_level.lower(),
+        "control_socket_disable": True,
+    }).run()

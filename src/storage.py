@@ -1,0 +1,166 @@
+"""Keep customers in Redis: one hash per customer, typed values kept as plain text."""
+
+import uuid
+
+from redis import exceptions as rx
+
+KEY_PREFIX = "customer:"
+# A field "_type:<name>" records the JSON type of a non-string field <name>.
+TYPE_PREFIX = "_type:"
+SCAN_COUNT = 1000
+
+# Errors that mean the database cannot answer now, as opposed to a bug in a request.
+UNAVAILABLE = (
+    rx.ConnectionError,
+    rx.TimeoutError,
+    rx.ClusterError,
+    rx.RedisClusterException,
+    rx.TryAgainError,
+    rx.MasterDownError,
+    rx.ReadOnlyError,
+    rx.NoPermissionError,
+    rx.AuthenticationError,
+    rx.AuthorizationError,
+    rx.BusyLoadingError,
+)
+
+
+class NotACustomer(Exception):
+    """The key of a customer holds something other than a hash."""
+
+
+def customer_key(customer_id: str) -> str:
+    """Return the Redis key of a customer."""
+    return KEY_PREFIX + customer_id
+
+
+def encode(fields: dict) -> tuple[dict, list]:
+    """Split JSON fields into the hash fields to set and the ones to delete."""
+    to_set, to_delete = {}, []
+    for name, value in fields.items():
+        marker = TYPE_PREFIX + name
+        if value is None:
+            to_delete += [name, marker]
+        elif isinstance(value, str):
+            to_set[name] = value
+            to_delete.append(marker)
+        elif isinstance(value, bool):
+            to_set[name] = "true" if value else "false"
+            to_set[marker] = "bool"
+        elif isinstance(value, int):
+            to_set[name] = str(value)
+            to_set[marker] = "int"
+        elif isinstance(value, float):
+            to_set[name] = repr(value)
+            to_set[marker] = "float"
+        else:
+            raise TypeError(f"cannot store a {type(value).__name__} in field {name!r}")
+    return to_set, to_delete
+
+
+def _typed(text: str, kind: str | None):
+    """Turn stored text back into its JSON type; unknown or unreadable stays text."""
+    try:
+        if kind == "int":
+            return int(text)
+        if kind == "float":
+            return float(text)
+        if kind == "bool" and text in ("true", "false"):
+            return text == "true"
+    except ValueError:
+        pass
+    return text
+
+
+def decode(customer_id: str, raw: dict) -> dict:
+    """Turn a stored hash into the customer's JSON object."""
+    customer = {"id": customer_id}
+    for name, text in raw.items():
+        if not name.startswith(TYPE_PREFIX) and name != "id":
+            customer[name] = _typed(text, raw.get(TYPE_PREFIX + name))
+    return customer
+
+
+class CustomerStore:
+    """Read and write customers in a Redis or Redis Cluster client."""
+
+    def __init__(self, redis):
+        self.redis = redis
+
+    def get(self, customer_id: str) -> dict | None:
+        """Return one customer, or None when there is none."""
+        try:
+            raw = self.redis.hgetall(customer_key(customer_id))
+        except rx.ResponseError as error:
+            if str(error).startswith("WRONGTYPE"):
+                return None
+            raise
+        return decode(customer_id, raw) if raw else None
+
+    def create(self, fields: dict) -> dict:
+        """Store a new customer under a fresh id and return it."""
+        customer_id = str(uuid.uuid4())
+        self.merge(customer_id, fields)
+        stored = {name: value for name, value in fields.items() if value is not None}
+        return {"id": customer_id, **stored}
+
+    def merge(self, customer_id: str, fields: dict) -> None:
+        """Set the given fields of a customer, removing those given as None."""
+        key = customer_key(customer_id)
+        to_set, to_delete = encode(fields)
+        try:
+            if to_set and to_delete:
+                # One key, one slot: a MULTI/EXEC applies both or neither.
+                pipe = self.redis.pipeline(transaction=True)
+                pipe.hset(key, mapping=to_set)
+                pipe.hdel(key, *to_delete)
+                pipe.execute()
+            elif to_set:
+                self.redis.hset(key, mapping=to_set)
+            elif to_delete:
+                self.redis.hdel(key, *to_delete)
+        except rx.ResponseError as error:
+            if "WRONGTYPE" in str(error):
+                raise NotACustomer(customer_id) from None
+            raise
+
+    def delete(self, customer_id: str) -> None:
+        """Remove a customer; removing one that does not exist is not an error."""
+        self.redis.delete(customer_key(customer_id))
+
+    def nodes(self) -> list:
+        """Return a plain client for each primary (the client itself when not a cluster)."""
+        if hasattr(self.redis, "get_primaries"):
+            primaries = self.redis.get_primaries()
+            return [self.redis.get_redis_connection(node) for node in primaries]
+        return [self.redis]
+
+    def scan_node(self, node, seen: set):
+        """Yield every customer on one node, fetched in pipelined batches."""
+        cursor = None
+        while cursor != 0:
+            cursor, keys = node.scan(cursor or 0, match=KEY_PREFIX + "*", count=SCAN_COUNT,
+                                     _type="hash")
+            fresh = [key for key in keys if key not in seen]
+            seen.update(fresh)
+            yield from self._fetch(node, fresh)
+
+    @staticmethod
+    def _fetch(node, keys: list):
+        if not keys:
+            return
+        pipe = node.pipeline(transaction=False)
+        for key in keys:
+            pipe.hgetall(key)
+        for key, raw in zip(keys, pipe.execute(raise_on_error=False), strict=True):
+            if isinstance(raw, Exception) and "WRONGTYPE" not in str(raw):
+                raise raw
+            # A key deleted or retyped since SCAN saw it is not a customer any more.
+            if isinstance(raw, dict) and raw:
+                yield decode(key[len(KEY_PREFIX):], raw)
+
+    def list(self):
+        """Yield every customer in the database once."""
+        seen = set()
+        for node in self.nodes():
+            yield from self.scan_node(node, seen)

@@ -1,0 +1,18 @@
+"""A tiny JSON HTTP client for tests against a running service."""
+
+import json
+import urllib.error
+import urllib.request
+
+
+def call(url: str, method: str = "GET", body=None, timeout: float = 10):
+    """Send a request and return (status, headers, parsed JSON body or None)."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            status, headers, raw = response.status, response.headers, response.read()
+    except urllib.error.HTTPError as error:
+        status, headers, raw = error.code, error.headers, error.read()
+    return status, headers, json.loads(raw) if raw else None

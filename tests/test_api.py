@@ -1,0 +1,196 @@
+"""What a client of the REST API does and gets, on fakeredis and on a real cluster."""
+
+import uuid
+
+import pytest
+
+JOE = {"name": "Joe", "lastName": "Doe", "email": "joe@example.com",
+       "phone": "+1 555 0100", "balance": 1000}
+
+
+def test_create_returns_the_customer_with_a_new_id_and_its_location(client):
+    response = client.post("/customers", json=JOE)
+    assert response.status_code == 201
+    body = response.get_json()
+    assert uuid.UUID(body.pop("id")).version == 4
+    assert body == JOE
+    assert response.headers["Location"] == f"/customers/{response.get_json()['id']}"
+
+
+def test_a_created_customer_reads_back_with_the_types_it_was_sent_with(client):
+    sent = {"name": "Ann", "balance": 1000, "rate": 2.5, "vip": True, "active": False,
+            "zip": "02134", "big": 12345678901234567890, "negative": -3, "tiny": 1e-300}
+    created = client.post("/customers", json=sent).get_json()
+    response = client.get(f"/customers/{created['id']}")
+    assert response.status_code == 200
+    assert response.get_json() == {"id": created["id"], **sent}
+    assert client.get("/customers").get_json() == [{"id": created["id"], **sent}]
+
+
+def test_stored_values_are_plain_text_readable_with_redis_cli(client, redis_client):
+    client.put("/customers/1", json={"name": "Joe", "balance": 1000, "vip": True})
+    assert redis_client.hgetall("customer:1") == {
+        "name": "Joe", "balance": "1000", "vip": "true",
+        "_type:balance": "int", "_type:vip": "bool"}
+
+
+def test_hashes_written_by_other_clients_read_back_as_strings(client, redis_client):
+    redis_client.hset("customer:7", mapping={"name": "Kim", "balance": "12"})
+    assert client.get("/customers/7").get_json() == {"id": "7", "name": "Kim", "balance": "12"}
+
+
+def test_put_creates_a_customer_that_does_not_exist(client):
+    assert client.put("/customers/1", json=JOE).status_code == 204
+    assert client.get("/customers/1").get_json() == {"id": "1", **JOE}
+
+
+def test_put_merges_the_given_fields_and_keeps_the_others(client):
+    client.put("/customers/1", json=JOE)
+    response = client.put("/customers/1", json={"balance": 0})
+    assert response.status_code == 204
+    assert response.data == b""
+    assert client.get("/customers/1").get_json() == {"id": "1", **JOE, "balance": 0}
+
+
+def test_put_with_null_removes_a_field(client):
+    client.put("/customers/1", json=JOE)
+    client.put("/customers/1", json={"phone": None, "balance": None})
+    expected = {key: value for key, value in JOE.items() if key not in ("phone", "balance")}
+    assert client.get("/customers/1").get_json() == {"id": "1", **expected}
+
+
+def test_put_of_a_string_over_a_number_stores_a_string(client, redis_client):
+    client.put("/customers/1", json={"balance": 5})
+    client.put("/customers/1", json={"balance": "five"})
+    assert client.get("/customers/1").get_json() == {"id": "1", "balance": "five"}
+    assert redis_client.hgetall("customer:1") == {"balance": "five"}
+
+
+def test_put_may_repeat_the_id_of_the_path(client):
+    assert client.put("/customers/1", json={"id": 1, "name": "Joe"}).status_code == 204
+    assert client.put("/customers/1", json={"id": "1", "age": 30}).status_code == 204
+    assert client.get("/customers/1").get_json() == {"id": "1", "name": "Joe", "age": 30}
+
+
+def test_get_of_a_missing_customer_is_404(client):
+    response = client.get("/customers/nobody")
+    assert response.status_code == 404
+    assert response.get_json() == {"message": "customer nobody does not exist"}
+
+
+def test_delete_removes_the_customer(client, stored_keys):
+    client.put("/customers/1", json=JOE)
+    response = client.delete("/customers/1")
+    assert response.status_code == 204
+    assert client.get("/customers/1").status_code == 404
+    assert stored_keys() == []
+
+
+def test_delete_of_a_missing_customer_is_204(client):
+    assert client.delete("/customers/nobody").status_code == 204
+
+
+def test_list_of_an_empty_database_is_an_empty_array(client):
+    response = client.get("/customers")
+    assert response.status_code == 200
+    assert response.get_json() == []
+
+
+def test_list_returns_every_customer_once(client):
+    ids = {client.post("/customers", json={"n": n}).get_json()["id"] for n in range(2500)}
+    listed = client.get("/customers").get_json()
+    assert len(listed) == 2500
+    assert {customer["id"] for customer in listed} == ids
+
+
+def test_list_takes_the_id_as_everything_after_the_prefix(client, redis_client):
+    redis_client.hset("customer:eu:42", "name", "Lea")
+    assert client.get("/customers").get_json() == [{"id": "eu:42", "name": "Lea"}]
+
+
+def test_list_skips_keys_under_the_prefix_that_are_not_hashes(client, redis_client):
+    client.put("/customers/1", json={"name": "Joe"})
+    redis_client.set("customer:counter", "7")
+    redis_client.rpush("customer:queue", "x")
+    redis_client.hset("other:1", "name", "Not a customer")
+    assert client.get("/customers").get_json() == [{"id": "1", "name": "Joe"}]
+
+
+def test_a_key_that_is_not_a_hash_is_no_customer_and_is_not_overwritten(client, redis_client):
+    redis_client.set("customer:counter", "7")
+    assert client.get("/customers/counter").status_code == 404
+    response = client.put("/customers/counter", json={"name": "x"})
+    assert response.status_code == 409
+    assert "not a customer" in response.get_json()["message"]
+    assert redis_client.get("customer:counter") == "7"
+
+
+def test_unknown_urls_and_methods_answer_json(client):
+    response = client.get("/nowhere")
+    assert response.status_code == 404
+    assert "message" in response.get_json()
+    response = client.patch("/customers")
+    assert response.status_code == 405
+    assert "message" in response.get_json()
+    assert "POST" in response.headers["Allow"]
+
+
+JSON = {"Content-Type": "application/json"}
+
+BAD_REQUESTS = [
+    # method, path, headers, body, status, words in the message
+    ("post", "/customers", JSON, "{not json", 400, "not valid JSON"),
+    ("post", "/customers", JSON, "", 400, "not valid JSON"),
+    ("post", "/customers", JSON, "[1, 2]", 400, "JSON object"),
+    ("post", "/customers", JSON, '"text"', 400, "JSON object"),
+    ("post", "/customers", JSON, "null", 400, "JSON object"),
+    ("post", "/customers", JSON, "{}", 400, "at least one field"),
+    ("post", "/customers", JSON, '{"a": {"b": 1}}', 400, "field 'a'"),
+    ("post", "/customers", JSON, '{"tags": [1]}', 400, "field 'tags'"),
+    ("post", "/customers", JSON, '{"": 1}', 400, "must not be empty"),
+    ("post", "/customers", JSON, '{"_type:x": "int"}', 400, "reserved"),
+    ("post", "/customers", JSON, '{"x": NaN}', 400, "not valid JSON"),
+    ("post", "/customers", JSON, '{"x": Infinity}', 400, "not valid JSON"),
+    ("post", "/customers", JSON, '{"id": "5", "a": 1}', 400, "assigns"),
+    ("post", "/customers", JSON, b'{"a": "\xff"}', 400, "not valid JSON"),
+    ("post", "/customers", JSON, "[" * 100000, 400, "not valid JSON"),
+    ("post", "/customers", {"Content-Type": "application/x-www-form-urlencoded"}, "a=b",
+     415, "application/json"),
+    ("post", "/customers", {}, '{"a": 1}', 415, "application/json"),
+    ("put", "/customers/1", {"Content-Type": "text/plain"}, '{"a": 1}', 415, "application/json"),
+    ("put", "/customers/1", JSON, '{"id": "2", "a": 1}', 400, "differs"),
+    ("put", "/customers/1", JSON, '{"id": true, "a": 1}', 400, "differs"),
+    ("put", "/customers/1", JSON, '{"id": "1"}', 400, "at least one field"),
+    ("put", "/customers/1", JSON, '{"a": [1]}', 400, "field 'a'"),
+    ("put", "/customers/1", JSON, "{" + '"a": 1, ' * 10 + '"b": {}}', 400, "field 'b'"),
+    ("put", "/customers/a*b", JSON, '{"a": 1}', 400, "customer id"),
+    ("put", "/customers/a:b", JSON, '{"a": 1}', 400, "customer id"),
+    ("put", "/customers/{tag}", JSON, '{"a": 1}', 400, "customer id"),
+    ("put", "/customers/" + "x" * 129, JSON, '{"a": 1}', 400, "customer id"),
+    ("put", "/customers/a%20b", JSON, '{"a": 1}', 400, "customer id"),
+    ("get", "/customers/a*", {}, None, 400, "customer id"),
+    ("delete", "/customers/*", {}, None, 400, "customer id"),
+    ("post", "/customers/1", JSON, '{"a": 1}', 405, "not allowed"),
+    ("get", "/customers/1/extra", {}, None, 404, "not found"),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "headers", "body", "status", "words"), BAD_REQUESTS)
+def test_bad_input_gets_a_clear_json_error_and_stores_nothing(
+        client, stored_keys, method, path, headers, body, status, words):
+    response = getattr(client, method)(path, headers=headers, data=body)
+    assert response.status_code == status
+    assert response.content_type == "application/json"
+    assert words in response.get_json()["message"]
+    assert stored_keys() == []
+
+
+def test_a_body_over_the_limit_is_413_and_stores_nothing(redis_client, stored_keys):
+    from server import create_app
+    from settings import Config
+
+    client = create_app(Config(max_body_bytes=100), redis_client).test_client()
+    response = client.post("/customers", json={"name": "x" * 200})
+    assert response.status_code == 413
+    assert "message" in response.get_json()
+    assert stored_keys() == []

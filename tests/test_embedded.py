@@ -1,0 +1,65 @@
+"""With no database configured, the service runs its own durable Redis."""
+
+import subprocess
+import sys
+
+import pytest
+
+from http_client import call
+from service_process import SERVER, ServiceProcess
+
+pytestmark = pytest.mark.cluster
+
+
+def embedded_env(tmp_path) -> dict:
+    """An environment with no database configured and data kept under tmp_path."""
+    return {"DATA_DIR": str(tmp_path / "data"), "WORKERS": "1", "DBHOST": "", "DB_HOST": ""}
+
+
+def test_a_customer_written_to_the_embedded_database_survives_a_restart(tmp_path):
+    env = embedded_env(tmp_path)
+    with ServiceProcess(env) as service:
+        status, headers, created = call(service.url + "/customers", "POST",
+                                        {"name": "Joe", "balance": 1000})
+        assert status == 201
+    assert service.process.returncode == 0
+    assert "embedded Redis stopped" in service.printed
+
+    with ServiceProcess(env) as service:
+        status, _, body = call(service.url + "/customers/" + created["id"])
+        assert status == 200
+        assert body == created
+        assert call(service.url + "/customers")[2] == [created]
+
+
+def test_the_embedded_database_is_a_cluster_with_an_append_only_file(tmp_path):
+    env = embedded_env(tmp_path)
+    with ServiceProcess(env) as service:
+        call(service.url + "/customers/1", "PUT", {"name": "Joe"})
+    data = tmp_path / "data"
+    config = (data / "redis.conf").read_text()
+    assert "cluster-enabled yes" in config
+    assert "appendfsync always" in config
+    assert "Joe" in "".join(path.read_text(errors="replace") for path in data.glob("*.aof"))
+
+
+def test_server_py_runs_from_the_src_folder_as_in_the_original(tmp_path):
+    with ServiceProcess(embedded_env(tmp_path), cwd=SERVER.parent) as service:
+        assert call(service.url + "/customers")[0] == 200
+
+
+@pytest.mark.parametrize(("env", "words"), [
+    ({"PORT": "abc"}, "PORT must be a whole number"),
+    ({"PORT": "70000"}, "PORT must be between"),
+    ({"DBHOST": "db.example", "DBCACERT": "/nonexistent/ca.pem"}, "DBCACERT names no"),
+    ({"DBTLS": "maybe", "DBHOST": "db.example"}, "DBTLS must be true or false"),
+    ({"DBTIMEOUT": "-1"}, "DBTIMEOUT must be above 0"),
+])
+def test_invalid_configuration_is_one_clear_line_and_a_failed_exit(tmp_path, env, words):
+    result = subprocess.run([sys.executable, str(SERVER)], env={**embedded_env(tmp_path), **env},
+                            capture_output=True, text=True, timeout=30, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.startswith("configuration error: ")
+    assert words in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

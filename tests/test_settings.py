@@ -1,0 +1,52 @@
+"""Configuration comes from the environment, with the original example's names."""
+
+import pytest
+
+from settings import Config, ConfigError, load_config
+
+
+def test_defaults_serve_on_loopback_with_the_embedded_database():
+    config = load_config({})
+    assert (config.host, config.port) == ("127.0.0.1", 8080)
+    assert config.embedded
+    assert not config.db_tls
+
+
+def test_the_original_names_configure_the_database_with_tls_on():
+    config = load_config({"DBHOST": "clustercfg.example", "DBPORT": "6380",
+                          "DBUSERNAME": "app", "DBPASSWORD": "secret"})
+    assert (config.db_host, config.db_port) == ("clustercfg.example", 6380)
+    assert (config.db_username, config.db_password) == ("app", "secret")
+    assert config.db_tls
+    assert not config.embedded
+
+
+def test_the_published_sample_names_work_too():
+    config = load_config({"DB_HOST": "h", "DB_PORT": "7000", "DB_USERNAME": "u",
+                          "DB_PASSWORD": "p"})
+    assert (config.db_host, config.db_port, config.db_username, config.db_password) == (
+        "h", 7000, "u", "p")
+
+
+def test_tls_can_be_turned_off_for_a_plain_redis():
+    assert not load_config({"DBHOST": "h", "DBTLS": "false"}).db_tls
+
+
+def test_a_ca_file_is_used_when_it_exists(tmp_path):
+    ca = tmp_path / "ca.pem"
+    ca.write_text("x")
+    assert load_config({"DBHOST": "h", "DBCACERT": str(ca)}).db_ca_cert == str(ca)
+
+
+@pytest.mark.parametrize("env", [
+    {"PORT": "abc"}, {"PORT": "0"}, {"DBPORT": "x"}, {"DBTIMEOUT": "soon"},
+    {"MAX_BODY_BYTES": "-5"}, {"LOG_LEVEL": "LOUD"}, {"WORKERS": "0"},
+    {"REDIS_SERVER": "/nonexistent/redis-server"},
+])
+def test_invalid_values_raise_a_config_error(env):
+    with pytest.raises(ConfigError):
+        load_config(env)
+
+
+def test_the_body_limit_defaults_to_one_mebibyte():
+    assert Config().max_body_bytes == 1024 * 1024
