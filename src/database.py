@@ -1,13 +1,45 @@
-"""Build the Redis Cluster client the service talks to."""
+"""Build the Redis Cluster client the service talks to, and ride out its brief outages.
 
+Retries. redis-py's cluster client refreshes its topology after a connection error but
+retries without backoff, so a failover (several seconds) surfaces as errors. `retrying`
+runs a whole store operation again, with exponential backoff and jitter, until it succeeds
+or DBRETRYSECONDS pass; then the last error goes up and the client gets a 503. Only
+operations that end in the same state however often they run may be retried, because a
+timed-out or disconnected command may still have been applied:
+- reads (HGETALL, SCAN pages) change nothing;
+- HSET and HDEL of the same fields with the same values, alone or in one MULTI/EXEC,
+  leave the same hash, so a merge (PUT) applied twice is a merge applied once;
+- DEL of a key that is already gone is still a success (DELETE answers 204 either way);
+- a create draws its uuid before the first attempt, so a retry writes the same new key
+  and never makes a second customer.
+A conditional write (WATCH, check, MULTI/EXEC) must retry the whole check-and-write: if a
+lost reply hid a successful EXEC, the retry sees the new version and reports a conflict,
+never a double write. Errors that waiting cannot mend (a wrong password, a missing ACL
+permission, a certificate that fails verification) are not retried.
+"""
+
+import functools
 import logging
 import threading
 
+import tenacity
+from redis import exceptions as rx
 from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
 from redis.retry import Retry
 
 log = logging.getLogger(__name__)
+
+# Errors that a failover, a resharding or a restart cause and that go away by themselves.
+TRANSIENT = (rx.ConnectionError, rx.TimeoutError, rx.ClusterError, rx.RedisClusterException,
+             rx.TryAgainError, rx.ReadOnlyError, rx.AskError)
+# Errors of configuration: retrying only delays the 503 that names them.
+PERMANENT = (rx.AuthenticationError, rx.AuthorizationError, rx.NoPermissionError)
+PERMANENT_WORDS = ("CERTIFICATE_VERIFY_FAILED", "WRONG_VERSION_NUMBER", "NOAUTH", "WRONGPASS")
+
+
+class ReplicasBehind(rx.RedisError):
+    """A write reached its primary but not DBWAITREPLICAS replicas in time: not acknowledged."""
 
 
 class LazyCluster:
@@ -37,7 +69,7 @@ class LazyCluster:
             self._client.close()
 
 
-def connect(config, max_connections=64) -> LazyCluster:
+def connect(config, max_connections=None) -> LazyCluster:
     """Return a cluster client for the configured database."""
     options = {
         "host": config.db_host,
@@ -47,8 +79,9 @@ def connect(config, max_connections=64) -> LazyCluster:
         "decode_responses": True,
         "socket_timeout": config.db_timeout,
         "socket_connect_timeout": config.db_timeout,
-        "max_connections": max_connections,
-        # One retry follows a topology change; longer waits belong to the caller.
+        # Every thread may hold one connection per node, plus the readiness check's.
+        "max_connections": max_connections or max(64, 2 * config.threads),
+        # One retry follows a topology change; waiting with backoff is `retrying`'s job.
         "retry": Retry(NoBackoff(), 1),
     }
     if config.db_tls:
@@ -57,3 +90,74 @@ def connect(config, max_connections=64) -> LazyCluster:
         if config.db_ca_cert:
             options["ssl_ca_certs"] = config.db_ca_cert
     return LazyCluster(**options)
+
+
+def is_transient(error: BaseException) -> bool:
+    """Tell whether an error may go away by waiting (see the module's docstring)."""
+    chain = [error]
+    while chain[-1].__cause__ is not None and len(chain) < 5:
+        chain.append(chain[-1].__cause__)
+    if any(isinstance(link, PERMANENT) for link in chain):
+        return False
+    if any(word in str(link) for link in chain for word in PERMANENT_WORDS):
+        return False
+    return isinstance(error, TRANSIENT + (ReplicasBehind,))
+
+
+def _refresh_topology(redis):
+    """Return a tenacity hook that relearns the cluster's slots before the next attempt."""
+    def refresh(state):
+        log.debug("database call failed (%s); retrying", state.outcome.exception())
+        if isinstance(redis, LazyCluster) and redis._client is None:
+            return
+        try:
+            if hasattr(redis, "nodes_manager"):
+                redis.nodes_manager.initialize()
+        except TRANSIENT:
+            pass
+    return refresh
+
+
+def retrying(redis, seconds: float) -> tenacity.Retrying:
+    """Return a policy that calls a function again while the database is briefly unavailable."""
+    return tenacity.Retrying(
+        retry=tenacity.retry_if_exception(is_transient),
+        stop=tenacity.stop_before_delay(seconds),
+        wait=tenacity.wait_exponential_jitter(multiplier=0.05, max=1.0, jitter=0.1),
+        before_sleep=_refresh_topology(redis),
+        reraise=True,
+    )
+
+
+def retried(method):
+    """Run a store method under its store's `retrying` policy; the method must be retry-safe."""
+    @functools.wraps(method)
+    def run(store, *args, **kwargs):
+        return store.retrying(method, store, *args, **kwargs)
+    return run
+
+
+def primary_of(redis, key: str):
+    """Return a plain client of the primary that owns key (the client itself when not a cluster)."""
+    if hasattr(redis, "get_node_from_key"):
+        return redis.get_redis_connection(redis.get_node_from_key(key))
+    return redis
+
+
+def write_and_wait(redis, key: str, commands: list, replicas: int, timeout: float) -> list:
+    """Apply commands on key in one MULTI/EXEC, then WAIT on the same connection for replicas."""
+    pipe = primary_of(redis, key).pipeline(transaction=False)
+    # WAIT counts the writes of its own connection, so it must follow them on one connection;
+    # redis-py's cluster client would send a bare WAIT to an arbitrary node.
+    pipe.execute_command("MULTI")
+    for command in commands:
+        pipe.execute_command(*command)
+    pipe.execute_command("EXEC")
+    pipe.execute_command("WAIT", replicas, int(timeout * 1000))
+    *_, results, acknowledged = pipe.execute()
+    for result in results:
+        if isinstance(result, Exception):
+            raise result
+    if acknowledged < replicas:
+        raise ReplicasBehind(f"{acknowledged} of {replicas} replicas confirmed the write to {key}")
+    return results

@@ -11,6 +11,7 @@ from flask import Flask, Response, url_for
 from flask_restful import Api, Resource
 
 import errors
+import health
 import validation
 from database import connect
 from embedded import EmbeddedError, EmbeddedRedis, find_redis_server
@@ -114,7 +115,9 @@ def create_app(config: Config, redis_client) -> Flask:
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     errors.register(app)
-    store = CustomerStore(redis_client)
+    store = CustomerStore(redis_client, config.db_retry_seconds, config.db_wait_replicas,
+                          wait_timeout=config.db_timeout / 2)
+    health.register(app, redis_client)
     api = JsonApi(app)
     resources = {"store": store}
     api.add_resource(Customers, "/customers", resource_class_kwargs=resources)
@@ -134,7 +137,7 @@ def database(config: Config):
     host, port = embedded.start()
     try:
         yield dataclasses.replace(config, db_host=host, db_port=port, db_tls=False,
-                                  db_username=None, db_password=None)
+                                  db_username=None, db_password=None, db_wait_replicas=0)
     finally:
         embedded.stop()
 

@@ -26,6 +26,8 @@ class Config:
     db_tls: bool = False
     db_ca_cert: str | None = None
     db_timeout: float = 2.0
+    db_retry_seconds: float = 4.0
+    db_wait_replicas: int = 0
     max_body_bytes: int = 1024 * 1024
     data_dir: str = str(PROJECT_ROOT / "data")
     embedded_port: int = 0
@@ -60,7 +62,7 @@ def _integer(env, name, default, low, high, *aliases):
     return value
 
 
-def _number(env, name, default):
+def _number(env, name, default, zero_allowed=False):
     raw = _get(env, name)
     if raw is None:
         return default
@@ -68,8 +70,9 @@ def _number(env, name, default):
         value = float(raw)
     except ValueError:
         raise ConfigError(f"{name} must be a number of seconds, got {raw!r}") from None
-    if not 0 < value <= 300:
-        raise ConfigError(f"{name} must be above 0 and at most 300 seconds, got {raw}")
+    if not (0 <= value if zero_allowed else 0 < value) or value > 300:
+        lowest = "at least 0" if zero_allowed else "above 0"
+        raise ConfigError(f"{name} must be {lowest} and at most 300 seconds, got {raw}")
     return value
 
 
@@ -110,6 +113,9 @@ def load_config(env=None) -> Config:
         db_tls=_flag(env, "DBTLS", bool(db_host)),
         db_ca_cert=ca_cert,
         db_timeout=_number(env, "DBTIMEOUT", Config.db_timeout),
+        db_retry_seconds=_number(env, "DBRETRYSECONDS", Config.db_retry_seconds,
+                                 zero_allowed=True),
+        db_wait_replicas=_integer(env, "DBWAITREPLICAS", Config.db_wait_replicas, 0, 5),
         max_body_bytes=_integer(env, "MAX_BODY_BYTES", Config.max_body_bytes, 1, 2**31),
         data_dir=_get(env, "DATA_DIR") or Config.data_dir,
         embedded_port=_integer(env, "EMBEDDED_PORT", Config.embedded_port, 0, 65535),

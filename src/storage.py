@@ -4,6 +4,8 @@ import uuid
 
 from redis import exceptions as rx
 
+from database import ReplicasBehind, retried, retrying, write_and_wait
+
 KEY_PREFIX = "customer:"
 # A field "_type:<name>" records the JSON type of a non-string field <name>.
 TYPE_PREFIX = "_type:"
@@ -22,6 +24,8 @@ UNAVAILABLE = (
     rx.AuthenticationError,
     rx.AuthorizationError,
     rx.BusyLoadingError,
+    rx.AskError,  # MOVED or ASK still, after retries: the slots are moving
+    ReplicasBehind,
 )
 
 
@@ -84,9 +88,27 @@ def decode(customer_id: str, raw: dict) -> dict:
 class CustomerStore:
     """Read and write customers in a Redis or Redis Cluster client."""
 
-    def __init__(self, redis):
+    def __init__(self, redis, retry_seconds: float = 0.0, wait_replicas: int = 0,
+                 wait_timeout: float = 1.0):
         self.redis = redis
+        self.retrying = retrying(redis, retry_seconds)
+        self.wait_replicas = wait_replicas
+        self.wait_timeout = wait_timeout
 
+    def _write(self, key: str, commands: list) -> None:
+        """Apply write commands on one key atomically, then WAIT for replicas if configured."""
+        if self.wait_replicas:
+            write_and_wait(self.redis, key, commands, self.wait_replicas, self.wait_timeout)
+        elif len(commands) == 1:
+            self.redis.execute_command(*commands[0])
+        else:
+            # One key, one slot: a MULTI/EXEC applies all or none.
+            pipe = self.redis.pipeline(transaction=True)
+            for command in commands:
+                pipe.execute_command(*command)
+            pipe.execute()
+
+    @retried
     def get(self, customer_id: str) -> dict | None:
         """Return one customer, or None when there is none."""
         try:
@@ -99,35 +121,38 @@ class CustomerStore:
 
     def create(self, fields: dict) -> dict:
         """Store a new customer under a fresh id and return it."""
+        # The id is drawn once, outside merge's retries: a retried create writes the same key.
         customer_id = str(uuid.uuid4())
         self.merge(customer_id, fields)
         stored = {name: value for name, value in fields.items() if value is not None}
         return {"id": customer_id, **stored}
 
+    @retried
     def merge(self, customer_id: str, fields: dict) -> None:
         """Set the given fields of a customer, removing those given as None."""
         key = customer_key(customer_id)
         to_set, to_delete = encode(fields)
+        commands = []
+        if to_set:
+            commands.append(("HSET", key, *(item for pair in to_set.items() for item in pair)))
+        if to_delete:
+            commands.append(("HDEL", key, *to_delete))
+        if not commands:
+            return
         try:
-            if to_set and to_delete:
-                # One key, one slot: a MULTI/EXEC applies both or neither.
-                pipe = self.redis.pipeline(transaction=True)
-                pipe.hset(key, mapping=to_set)
-                pipe.hdel(key, *to_delete)
-                pipe.execute()
-            elif to_set:
-                self.redis.hset(key, mapping=to_set)
-            elif to_delete:
-                self.redis.hdel(key, *to_delete)
+            self._write(key, commands)
         except rx.ResponseError as error:
             if "WRONGTYPE" in str(error):
                 raise NotACustomer(customer_id) from None
             raise
 
+    @retried
     def delete(self, customer_id: str) -> None:
         """Remove a customer; removing one that does not exist is not an error."""
-        self.redis.delete(customer_key(customer_id))
+        key = customer_key(customer_id)
+        self._write(key, [("DEL", key)])
 
+    @retried
     def nodes(self) -> list:
         """Return a plain client for each primary (the client itself when not a cluster)."""
         if hasattr(self.redis, "get_primaries"):

@@ -2,6 +2,7 @@
 
 import os
 import random
+import secrets
 import signal
 import socket
 import subprocess
@@ -12,6 +13,12 @@ from pathlib import Path
 import redis
 
 SLOTS = 16384
+# What the service's least-privilege ACL user may run: its data commands on customer keys,
+# and what redis-py's cluster client needs to connect and learn the topology.
+APP_ACCESS = ("~customer:* resetchannels -@all +@connection +cluster|slots +cluster|shards "
+              "+cluster|info +cluster|nodes +command +readonly +readwrite "
+              "+hgetall +hget +hmget +hset +hdel +del +exists +type +scan "
+              "+multi +exec +discard +watch +unwatch +wait")
 
 
 def _port_free(port: int) -> bool:
@@ -47,19 +54,82 @@ class Node:
         return redis.Redis(port=self.port, decode_responses=True, socket_timeout=5, **options)
 
 
+class Security:
+    """A throwaway CA and node certificate (TLS) and the ACL users of one cluster."""
+
+    def __init__(self, directory: Path, tls: bool = True, acl: bool = True):
+        import trustme
+
+        self.directory = directory
+        self.tls = tls
+        self.acl = acl
+        self.admin_password = secrets.token_hex(16)
+        self.app_password = secrets.token_hex(16)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.ca_file = directory / "ca.pem"
+        self.cert_file, self.key_file = directory / "node.pem", directory / "node.key"
+        if tls:
+            authority = trustme.CA()
+            authority.cert_pem.write_to_path(str(self.ca_file))
+            node = authority.issue_cert("127.0.0.1", "localhost")
+            node.cert_chain_pems[0].write_to_path(str(self.cert_file))
+            node.private_key_pem.write_to_path(str(self.key_file))
+
+    def settings(self, port: int) -> dict:
+        """Return the redis.conf settings for a node that listens on port."""
+        settings = {}
+        if self.tls:
+            settings.update({
+                "port": 0, "tls-port": port, "tls-cluster": "yes", "tls-replication": "yes",
+                "tls-cert-file": self.cert_file, "tls-key-file": self.key_file,
+                "tls-ca-cert-file": self.ca_file, "tls-auth-clients": "no",
+            })
+        if self.acl:
+            settings.update({"masteruser": "admin", "masterauth": self.admin_password})
+        return settings
+
+    def users(self) -> str:
+        """Return the ACL lines of redis.conf: default off, an admin, the service's app user."""
+        if not self.acl:
+            return ""
+        return ("user default off\n"
+                f"user admin on >{self.admin_password} ~* &* +@all\n"
+                f"user app on >{self.app_password} {APP_ACCESS}\n")
+
+    def client_options(self, user: str = "admin") -> dict:
+        """Return redis-py options to connect as user ("admin" or "app")."""
+        options = {}
+        if self.tls:
+            options.update(ssl=True, ssl_ca_certs=str(self.ca_file))
+        if self.acl:
+            options.update(username=user, password=getattr(self, f"{user}_password"))
+        return options
+
+    def service_env(self) -> dict:
+        """Return the service's DB* variables to connect as the app user."""
+        env = {"DBTLS": "true" if self.tls else "false"}
+        if self.tls:
+            env["DBCACERT"] = str(self.ca_file)
+        if self.acl:
+            env.update(DBUSERNAME="app", DBPASSWORD=self.app_password)
+        return env
+
+
 class LocalCluster:
     """A Redis Cluster of real processes: primaries, optional replicas, AOF on every write."""
 
     def __init__(self, binary: str, directory, primaries: int = 3, replicas: int = 0,
                  appendfsync: str = "always", config: dict | None = None,
-                 client_options: dict | None = None):
+                 client_options: dict | None = None, tls: bool = False, acl: bool = False):
         self.binary = binary
         self.directory = Path(directory)
         self.primaries = primaries
         self.replicas = replicas
         self.appendfsync = appendfsync
         self.config = config or {}
-        self.client_options = client_options or {}
+        self.security = Security(self.directory / "security", tls, acl) if tls or acl else None
+        self.client_options = {**(self.security.client_options() if self.security else {}),
+                               **(client_options or {})}
         ports = free_cluster_ports(primaries * (1 + replicas))
         self.nodes = [Node(port, self.directory / str(port)) for port in ports]
 
@@ -76,11 +146,28 @@ class LocalCluster:
             "appendonly": "yes",
             "appendfsync": self.appendfsync,
             "save": '""',
+            **(self.security.settings(node.port) if self.security else {}),
             **self.config,
         }
         path = node.directory / "redis.conf"
-        path.write_text("".join(f"{name} {value}\n" for name, value in settings.items()))
+        path.write_text("".join(f"{name} {value}\n" for name, value in settings.items())
+                        + (self.security.users() if self.security else ""))
         return path
+
+    def service_env(self) -> dict:
+        """Return the environment that points the service at this cluster (as the app user)."""
+        env = {"DBHOST": "127.0.0.1", "DBPORT": str(self.nodes[0].port), "DBTLS": "false"}
+        return {**env, **(self.security.service_env() if self.security else {})}
+
+    def primary_nodes(self) -> list[Node]:
+        """Return the nodes that are primaries now (running ones only)."""
+        primaries = []
+        for node in self.nodes:
+            if node.process and node.process.poll() is None:
+                with node.client(**self.client_options) as client:
+                    if client.info("replication")["role"] == "master":
+                        primaries.append(node)
+        return primaries
 
     def start_node(self, node: Node) -> None:
         """Start (or restart) one node's process, keeping its data and cluster state."""
@@ -167,10 +254,9 @@ class LocalCluster:
 
     def flush(self) -> None:
         """Empty the database: FLUSHALL on every primary (replicas follow)."""
-        for node in self.nodes:
+        for node in self.primary_nodes():
             with node.client(**self.client_options) as client:
-                if client.info("replication")["role"] == "master":
-                    client.flushall()
+                client.flushall()
 
     def __enter__(self):
         return self.start()

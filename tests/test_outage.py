@@ -42,8 +42,8 @@ def outage_cluster(tmp_path, redis_server_binary):
 
 def test_whole_cluster_down_is_503_then_recovers_without_a_restart(outage_cluster):
     outage_cluster.start()
-    app = create_app(cluster_config(outage_cluster, db_timeout=1.0),
-                     connect(cluster_config(outage_cluster, db_timeout=1.0)))
+    config = cluster_config(outage_cluster, db_timeout=1.0, db_retry_seconds=1.0)
+    app = create_app(config, connect(config))
     client = app.test_client()
     for n in range(20):
         assert client.put(f"/customers/c{n}", json={"n": n}).status_code == 204
@@ -71,7 +71,7 @@ def test_whole_cluster_down_is_503_then_recovers_without_a_restart(outage_cluste
 
 
 def test_the_service_starts_while_the_database_is_down_and_serves_once_it_is_up(outage_cluster):
-    config = cluster_config(outage_cluster, db_timeout=1.0)
+    config = cluster_config(outage_cluster, db_timeout=1.0, db_retry_seconds=1.0)
     client = create_app(config, connect(config)).test_client()
 
     response, seconds = answer_within(client, "/customers/1", 5)

@@ -1,0 +1,43 @@
+"""Health checks for load balancers and orchestrators: alive (/healthz) and ready (/readyz)."""
+
+import logging
+
+from redis.cluster import RedisCluster
+
+from database import LazyCluster
+from storage import UNAVAILABLE
+
+log = logging.getLogger(__name__)
+
+
+def database_problem(redis) -> str | None:
+    """Return what keeps the database from serving, or None when every primary is ok."""
+    try:
+        if not isinstance(redis, LazyCluster | RedisCluster):
+            redis.ping()
+            return None
+        for node in redis.get_primaries():
+            state = redis.get_redis_connection(node).cluster("info").get("cluster_state")
+            if state != "ok":
+                return f"cluster_state is {state} on {node.name}"
+    except UNAVAILABLE as error:
+        return f"database unreachable: {type(error).__name__}: {error}"
+    return None
+
+
+def register(app, redis) -> None:
+    """Add GET /healthz and GET /readyz to the app."""
+
+    @app.get("/healthz")
+    def healthz():
+        """Answer 200 while the process serves requests; never asks the database."""
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    def readyz():
+        """Answer 200 when the database is reachable and its cluster ok, else 503 saying why."""
+        problem = database_problem(redis)
+        if problem:
+            log.warning("not ready: %s", problem)
+            return {"message": f"not ready: {problem}"}, 503, {"Retry-After": "2"}
+        return {"status": "ready"}
