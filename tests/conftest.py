@@ -1,6 +1,9 @@
 """Fixtures: the app on fakeredis and on a real local Redis Cluster."""
 
+import dataclasses
 import os
+import shutil
+import subprocess
 
 import fakeredis
 import pytest
@@ -9,13 +12,13 @@ from database import connect
 from embedded import find_redis_server
 from local_cluster import LocalCluster
 from server import create_app
-from settings import Config
+from settings import Config, load_config
 from storage import CustomerStore
 
 
 def cluster_config(cluster: LocalCluster, **overrides) -> Config:
-    """Return the service's config for a local cluster."""
-    return Config(db_host="127.0.0.1", db_port=cluster.nodes[0].port, db_tls=False, **overrides)
+    """Return the service's config for a local cluster (as its app user when it has ACLs)."""
+    return dataclasses.replace(load_config(cluster.service_env()), **overrides)
 
 
 @pytest.fixture(scope="session")
@@ -28,6 +31,25 @@ def redis_server_binary() -> str:
 def redis_cluster(tmp_path_factory, redis_server_binary):
     """A real 3-primary Redis Cluster on loopback, for the whole test session."""
     with LocalCluster(redis_server_binary, tmp_path_factory.mktemp("cluster")) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def tls_redis_server_binary() -> str:
+    """A redis-server built with TLS: TLS_REDIS_SERVER, else redis-server on PATH (Debian's)."""
+    binary = os.environ.get("TLS_REDIS_SERVER") or shutil.which("redis-server")
+    if binary:
+        version = subprocess.run([binary, "--version"], capture_output=True, text=True).stdout
+        if "build=" in version and int(version.split("v=")[1].split(".")[0]) >= 7:
+            return binary
+    pytest.skip("no redis-server 7 with TLS: apt-get install redis-server (.ci/run does)")
+
+
+@pytest.fixture(scope="session")
+def memorydb_cluster(tmp_path_factory, tls_redis_server_binary):
+    """A MemoryDB-shaped cluster for the session: 3 shards of 2 nodes, TLS only, ACL users."""
+    with LocalCluster(tls_redis_server_binary, tmp_path_factory.mktemp("memorydb"),
+                      replicas=1, tls=True, acl=True) as cluster:
         yield cluster
 
 

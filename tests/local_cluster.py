@@ -132,6 +132,13 @@ class LocalCluster:
                                **(client_options or {})}
         ports = free_cluster_ports(primaries * (1 + replicas))
         self.nodes = [Node(port, self.directory / str(port)) for port in ports]
+        self._admins = {}
+
+    def admin(self, node: Node) -> redis.Redis:
+        """Return a kept client of one node (a TLS handshake per call would slow tests down)."""
+        if node.port not in self._admins:
+            self._admins[node.port] = node.client(**self.client_options)
+        return self._admins[node.port]
 
     def _write_config(self, node: Node) -> Path:
         node.directory.mkdir(parents=True, exist_ok=True)
@@ -164,9 +171,8 @@ class LocalCluster:
         primaries = []
         for node in self.nodes:
             if node.process and node.process.poll() is None:
-                with node.client(**self.client_options) as client:
-                    if client.info("replication")["role"] == "master":
-                        primaries.append(node)
+                if self.admin(node).info("replication")["role"] == "master":
+                    primaries.append(node)
         return primaries
 
     def start_node(self, node: Node) -> None:
@@ -240,6 +246,8 @@ class LocalCluster:
 
     def stop(self) -> None:
         """Stop every node this cluster started."""
+        for client in self._admins.values():
+            client.close()
         for node in self.nodes:
             if node.process and node.process.poll() is None:
                 os.kill(node.process.pid, signal.SIGCONT)
@@ -255,8 +263,7 @@ class LocalCluster:
     def flush(self) -> None:
         """Empty the database: FLUSHALL on every primary (replicas follow)."""
         for node in self.primary_nodes():
-            with node.client(**self.client_options) as client:
-                client.flushall()
+            self.admin(node).flushall()
 
     def __enter__(self):
         return self.start()
