@@ -170,14 +170,16 @@ class CustomerStore:
             seen.update(fresh)
             yield from self._fetch(node, fresh)
 
-    @staticmethod
-    def _fetch(node, keys: list):
+    def _fetch(self, node, keys: list):
         if not keys:
             return
         pipe = node.pipeline(transaction=False)
         for key in keys:
             pipe.hgetall(key)
         for key, raw in zip(keys, pipe.execute(raise_on_error=False), strict=True):
+            if isinstance(raw, rx.AskError):
+                # MOVED or ASK: a resharding moved the key; the cluster client follows it.
+                raw = self.redis.hgetall(key)
             if isinstance(raw, Exception) and "WRONGTYPE" not in str(raw):
                 raise raw
             # A key deleted or retyped since SCAN saw it is not a customer any more.
