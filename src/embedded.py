@@ -34,10 +34,14 @@ def find_redis_server(explicit: str | None = None) -> str:
 
 
 def free_port() -> int:
-    """Return a loopback TCP port that nothing listens on now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """Return a loopback TCP port that nothing listens on now, low enough for a cluster bus."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        # Redis Cluster listens on port + 10000 too, so it refuses ports above 55535.
+        if port <= 55535:
+            return port
 
 
 class EmbeddedRedis:

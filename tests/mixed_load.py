@@ -125,11 +125,11 @@ class MixedLoad:
                 self.acknowledged[customer_id] = max(self.acknowledged.get(customer_id, 0),
                                                      version)
 
-    def lost_writes(self, read) -> list:
-        """Return the ids whose acknowledged write is not readable now (read(id) -> body)."""
+    def lost_writes(self, url: str) -> list:
+        """Return the ids whose acknowledged write the service at url cannot read back now."""
         lost = []
         for customer_id, version in self.acknowledged.items():
-            body = read(customer_id)
+            body = read_back(f"{url}/customers/{customer_id}")
             if body is None or not version <= body.get("v", -1) <= self.attempted[customer_id]:
                 lost.append(customer_id)
         return lost
@@ -167,6 +167,23 @@ class MixedLoad:
         lines = [f"### {fault}", "", "| figure | value |", "| --- | --- |"]
         lines += [f"| {name} | {value} |" for name, value in rows]
         return "\n".join(lines) + "\n"
+
+
+def read_back(url: str):
+    """Return the customer at url, or None when there is none; retries 503s for a while."""
+    for _ in range(20):
+        status, _, body = call(url, timeout=30)
+        if status != 503:
+            return body if status == 200 else None
+    raise AssertionError(f"{url} still answers 503")
+
+
+def wait_until(predicate, timeout: float = 60.0) -> None:
+    """Poll predicate until it is true, failing after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.1)
 
 
 def report(fault: str, load: MixedLoad, lost: int) -> str:

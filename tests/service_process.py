@@ -48,6 +48,12 @@ class ServiceProcess:
         self.stop()
         raise RuntimeError("the service did not answer in time")
 
+    def output(self) -> str:
+        """Return what the service has printed so far, while it runs."""
+        # A fresh open: seeking the shared file would move the service's own write offset.
+        with open(f"/proc/self/fd/{self.log.fileno()}") as log:
+            return log.read()
+
     def stop(self, timeout: float = 30.0) -> int:
         """Send SIGTERM, wait for the exit, and return the exit code."""
         if self.process.poll() is None:

@@ -10,7 +10,7 @@ from redis.crc import key_slot
 
 from http_client import call
 from local_cluster import LocalCluster
-from mixed_load import MixedLoad, report
+from mixed_load import MixedLoad, report, wait_until
 from service_process import ServiceProcess
 
 pytestmark = pytest.mark.cluster
@@ -35,34 +35,15 @@ def clusters(tmp_path):
         cluster.stop()
 
 
-def reader(service):
-    """Return a function that reads a customer back through the service, retrying 503s."""
-    def read(customer_id):
-        for _ in range(20):
-            status, _, body = call(f"{service.url}/customers/{customer_id}", timeout=PATIENCE)
-            if status != 503:
-                return body if status == 200 else None
-        raise AssertionError(f"customer {customer_id} unreadable: still 503")
-    return read
-
-
 def check(fault, load, service):
     """Report the fault's figures and check that no acknowledged write was lost."""
-    lost = load.lost_writes(reader(service))
+    lost = load.lost_writes(service.url)
     report(fault, load, len(lost))
     assert lost == []
     assert load.acknowledged
     # A list streamed while its shard fails over is cut off until listing resumes its scan
     # (the listing's own work); anything else but a 503 is a failure here.
     assert set(load.errors_by_status()) <= {"503", "cut-off list"}
-
-
-def wait_until(predicate, timeout=60.0):
-    """Poll predicate until it is true, failing after timeout seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.1)
 
 
 def has_replica(cluster, port) -> bool:
