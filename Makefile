@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: help run test lint clean
+.PHONY: help run test cluster reliability lint clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -19,6 +19,17 @@ run: $(INSTALLED) ## Start the service (embedded durable Redis when DBHOST is un
 
 test: $(INSTALLED) ## Run every test, the real-cluster ones included
 	$(BIN)/python -m pytest
+
+cluster: $(INSTALLED) ## Run a MemoryDB-shaped local cluster (TLS, ACL users, replicas) until Ctrl-C
+	bash .ci/install-redis >/dev/null
+	$(BIN)/python tests/local_cluster.py
+
+reliability: $(INSTALLED) ## Run the fault tests and print a table per fault
+	bash .ci/install-redis >/dev/null
+	rm -f $(VENV)/reliability.md
+	RELIABILITY_REPORT=$(VENV)/reliability.md $(BIN)/python -m pytest -q \
+		tests/test_faults.py tests/test_embedded_faults.py; \
+		status=$$?; echo; cat $(VENV)/reliability.md; exit $$status
 
 clean: ## Remove the virtual environment (data/ is kept)
 	rm -rf $(VENV)

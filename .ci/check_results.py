@@ -3,12 +3,20 @@
 import sys
 import xml.etree.ElementTree as ET
 
+# Modules that must run in CI: real processes, TLS and ACL users, fault injection.
+REQUIRED = ("test_outage", "test_embedded", "test_api_tls_acl", "test_connection",
+            "test_faults", "test_embedded_faults")
+
 cases = list(ET.parse(sys.argv[1]).iter("testcase"))
 skipped = [case.get("name") for case in cases if case.find("skipped") is not None]
+modules = {case.get("classname", "").split(".")[-1] for case in cases}
 cluster = [case for case in cases if "[cluster" in case.get("name", "")
-           or case.get("classname", "").split(".")[-1] in ("test_outage", "test_embedded")]
+           or case.get("classname", "").split(".")[-1] in REQUIRED]
 print(f"{len(cases)} tests, {len(cluster)} on real Redis processes, {len(skipped)} skipped")
 if skipped:
     sys.exit(f"skipped in CI: {skipped}")
 if not cluster:
     sys.exit("no real-cluster test ran")
+missing = [module for module in REQUIRED if module not in modules]
+if missing:
+    sys.exit(f"required test modules did not run: {missing}")

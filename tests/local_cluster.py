@@ -270,3 +270,36 @@ class LocalCluster:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def main() -> None:
+    """Run a MemoryDB-shaped cluster (3 shards of 2 nodes, TLS, ACL users) until Ctrl-C."""
+    import shutil
+    import tempfile
+    import threading
+
+    binary = os.environ.get("TLS_REDIS_SERVER") or shutil.which("redis-server")
+    with tempfile.TemporaryDirectory(prefix="memorydb-") as directory:
+        cluster = LocalCluster(binary, directory, replicas=1, tls=True, acl=True)
+        stopped = threading.Event()
+        for number in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(number, lambda *_: stopped.set())
+        with cluster:
+            env = cluster.service_env()
+            security = cluster.security
+            print(f"MemoryDB-shaped cluster: 3 shards of 2 nodes, TLS only, on ports "
+                  f"{', '.join(str(node.port) for node in cluster.nodes)}; data in {directory}")
+            print("\nConnect the service (as the least-privilege app user):\n")
+            print("  " + " ".join(f"{name}={value}" for name, value in env.items()) + " make run")
+            print("\nOr look around as the admin user:\n")
+            print(f"  redis-cli -c --tls --cacert {security.ca_file} --user admin "
+                  f"--pass {security.admin_password} --no-auth-warning -p {cluster.nodes[0].port}")
+            print(f"\nApp user's access string: {APP_ACCESS}\n\nCtrl-C stops the cluster.",
+                  flush=True)
+            while not stopped.wait(0.5):
+                pass
+        print("cluster stopped")
+
+
+if __name__ == "__main__":
+    main()
