@@ -15,9 +15,9 @@ import redis
 SLOTS = 16384
 # What the service's least-privilege ACL user may run: its data commands on customer keys,
 # and what redis-py's cluster client needs to connect and learn the topology.
-APP_ACCESS = ("~customer:* resetchannels -@all +@connection +cluster|slots +cluster|shards "
-              "+cluster|info +cluster|nodes +command +readonly +readwrite "
-              "+hgetall +hget +hmget +hset +hdel +del +exists +type +scan "
+APP_ACCESS = ("~customer:* resetchannels -@all +auth +hello +ping "
+              "+cluster|slots +cluster|shards +cluster|info +cluster|nodes +command "
+              "+readonly +readwrite +hgetall +hget +hmget +hset +hdel +del +exists +type +scan "
               "+multi +exec +discard +watch +unwatch +wait")
 
 
@@ -214,7 +214,18 @@ class LocalCluster:
             with node.client(**self.client_options) as client:
                 client.execute_command("CLUSTER REPLICATE", primary_id)
         self.wait_ok()
+        self.wait_replicas_in_sync()
         return self
+
+    def wait_replicas_in_sync(self, timeout: float = 30.0) -> None:
+        """Wait until every running replica's link to its primary is up."""
+        deadline = time.monotonic() + timeout
+        for node in self.nodes[self.primaries:]:
+            if node.process and node.process.poll() is None:
+                while self.admin(node).info("replication").get("master_link_status") != "up":
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"replica on port {node.port} not in sync in time")
+                    time.sleep(0.1)
 
     def _wait(self, ready, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout

@@ -140,7 +140,7 @@ class MixedLoad:
             outcome.status for outcome in self.outcomes if not outcome.ok).items()))
 
     def longest_unavailability(self, gap: float = 1.0) -> float:
-        """Return the longest stretch of failed requests (less than gap seconds apart), in seconds."""
+        """Return the longest stretch of failures (less than gap seconds apart), in seconds."""
         failures = sorted((outcome.started, outcome.ended)
                           for outcome in self.outcomes if not outcome.ok)
         longest, start, end = 0.0, None, None
@@ -155,15 +155,16 @@ class MixedLoad:
         """Return the longest time a request took, in seconds."""
         return max((outcome.ended - outcome.started for outcome in self.outcomes), default=0.0)
 
-    def table(self, fault: str, lost: int) -> str:
-        """Return the fault's figures as a Markdown table."""
+    def table(self, fault: str, lost: int, notes: dict | None = None) -> str:
+        """Return the fault's figures (and notes: more rows) as a Markdown table."""
         writes = sum(1 for outcome in self.outcomes
                      if outcome.op in ("create", "update") and outcome.ok)
         errors = ", ".join(f"{status}: {count}" for status, count in
                            self.errors_by_status().items()) or "none"
         rows = [("requests", len(self.outcomes)), ("acknowledged writes", writes),
                 ("lost writes", lost), ("errors by status", errors),
-                ("longest unavailability", f"{self.longest_unavailability():.1f} s")]
+                ("longest unavailability", f"{self.longest_unavailability():.1f} s"),
+                *(notes or {}).items()]
         lines = [f"### {fault}", "", "| figure | value |", "| --- | --- |"]
         lines += [f"| {name} | {value} |" for name, value in rows]
         return "\n".join(lines) + "\n"
@@ -186,9 +187,9 @@ def wait_until(predicate, timeout: float = 60.0) -> None:
         time.sleep(0.1)
 
 
-def report(fault: str, load: MixedLoad, lost: int) -> str:
+def report(fault: str, load: MixedLoad, lost: int, notes: dict | None = None) -> str:
     """Print the fault's table, and append it to the file named by RELIABILITY_REPORT if set."""
-    text = load.table(fault, lost)
+    text = load.table(fault, lost, notes)
     print("\n" + text)
     path = os.environ.get("RELIABILITY_REPORT")
     if path:

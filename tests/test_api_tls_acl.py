@@ -1,4 +1,4 @@
-"""The whole API suite again, over TLS as the least-privilege ACL user of a MemoryDB-shaped cluster."""
+"""The whole API suite again, over TLS as the least-privilege user of a MemoryDB-like cluster."""
 
 import pytest
 

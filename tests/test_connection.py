@@ -1,4 +1,4 @@
-"""Connecting as to MemoryDB: TLS, a CA, an ACL user; a wrong setting is a clear 503, never a hang."""
+"""Connecting as to MemoryDB (TLS, a CA, an ACL user); a wrong setting is a quick, clear 503."""
 
 import time
 

@@ -35,10 +35,10 @@ def clusters(tmp_path):
         cluster.stop()
 
 
-def check(fault, load, service):
+def check(fault, load, service, **notes):
     """Report the fault's figures and check that no acknowledged write was lost."""
     lost = load.lost_writes(service.url)
-    report(fault, load, len(lost))
+    report(fault, load, len(lost), {name.replace("_", " "): value for name, value in notes.items()})
     assert lost == []
     assert load.acknowledged
     # A list streamed while its shard fails over is cut off until listing resumes its scan
@@ -66,13 +66,15 @@ def test_a_killed_primary_fails_over_and_loses_no_acknowledged_write(
         cluster.kill(victim)
         wait_until(lambda: promoted in cluster.primary_nodes())
         cluster.wait_ok()
+        promoted_after = time.monotonic() - killed
         cluster.start_node(victim)
         wait_until(lambda: has_replica(cluster, promoted.port))
         failover_seconds = time.monotonic() - killed
-        print(f"failover and resync took {failover_seconds:.1f} s")
         load.wait_for_successes(150)
         load.stop()
-        check("Primary killed (kill -9), DBWAITREPLICAS=1", load, service)
+        check("Primary killed (kill -9), DBWAITREPLICAS=1", load, service,
+              replica_promoted_after=f"{promoted_after:.1f} s",
+              old_primary_back_as_replica_after=f"{failover_seconds:.1f} s")
     assert load.longest_unavailability() < failover_seconds + PATIENCE
     assert load.slowest() < PATIENCE
 
@@ -106,6 +108,7 @@ def test_the_whole_cluster_down_is_quick_503s_then_recovers_without_a_restart(
     with ServiceProcess({**cluster.service_env(), **SERVICE}) as service:
         load = MixedLoad(service.url, threads=6).start()
         load.wait_for_successes(150)
+        killed = time.monotonic()
         for node in cluster.nodes:
             cluster.kill(node)
         status, _, body = call(service.url + "/readyz", timeout=PATIENCE)
@@ -115,10 +118,12 @@ def test_the_whole_cluster_down_is_quick_503s_then_recovers_without_a_restart(
         for node in cluster.nodes:
             cluster.start_node(node)
         cluster.wait_ok()
+        down_seconds = time.monotonic() - killed
         load.wait_for_successes(150)
         load.stop()
         assert call(service.url + "/readyz")[0] == 200
-        check("Whole cluster down (every node kill -9) and back", load, service)
+        check("Whole cluster down (every node kill -9) and back", load, service,
+              cluster_down_for=f"{down_seconds:.1f} s")
     assert load.slowest() < PATIENCE
 
 
@@ -134,13 +139,17 @@ def test_a_paused_node_gives_fast_503s_and_leaves_threads_for_other_requests(
         load = MixedLoad(service.url, threads=8).start()
         load.wait_for_successes(150)
         cluster.kill(paused, signal.SIGSTOP)
+        paused_at = time.monotonic()
         try:
             wait_until(lambda: sum(outcome.status == "503" for outcome in load.outcomes) >= 8)
             assert call(service.url + "/healthz", timeout=patience)[0] == 200
             assert call(f"{service.url}/customers/{elsewhere}", timeout=patience)[0] == 200
         finally:
             cluster.kill(paused, signal.SIGCONT)
+        paused_seconds = time.monotonic() - paused_at
         load.wait_for_successes(150)
         load.stop()
-        check("Slow database (one primary paused with SIGSTOP)", load, service)
+        check("Slow database (one primary paused with SIGSTOP)", load, service,
+              primary_paused_for=f"{paused_seconds:.1f} s",
+              slowest_request=f"{load.slowest():.1f} s (DBRETRYSECONDS=2, DBTIMEOUT=1)")
     assert load.slowest() < patience

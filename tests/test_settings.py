@@ -41,7 +41,8 @@ def test_a_ca_file_is_used_when_it_exists(tmp_path):
 @pytest.mark.parametrize("env", [
     {"PORT": "abc"}, {"PORT": "0"}, {"DBPORT": "x"}, {"DBTIMEOUT": "soon"},
     {"MAX_BODY_BYTES": "-5"}, {"LOG_LEVEL": "LOUD"}, {"WORKERS": "0"},
-    {"REDIS_SERVER": "/nonexistent/redis-server"},
+    {"REDIS_SERVER": "/nonexistent/redis-server"}, {"DBRETRYSECONDS": "-1"},
+    {"DBRETRYSECONDS": "forever"}, {"DBWAITREPLICAS": "-1"}, {"DBWAITREPLICAS": "all"},
 ])
 def test_invalid_values_raise_a_config_error(env):
     with pytest.raises(ConfigError):
@@ -50,3 +51,9 @@ def test_invalid_values_raise_a_config_error(env):
 
 def test_the_body_limit_defaults_to_one_mebibyte():
     assert Config().max_body_bytes == 1024 * 1024
+
+
+def test_retries_and_replica_waits_are_configurable_and_zero_turns_retries_off():
+    config = load_config({"DBRETRYSECONDS": "0", "DBWAITREPLICAS": "1"})
+    assert (config.db_retry_seconds, config.db_wait_replicas) == (0.0, 1)
+    assert (Config().db_retry_seconds, Config().db_wait_replicas) == (4.0, 0)

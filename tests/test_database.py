@@ -1,0 +1,59 @@
+"""Retries ride out brief outages only; DBWAITREPLICAS acknowledges a write only once replicated."""
+
+import pytest
+from redis import exceptions as rx
+
+from conftest import cluster_config
+from database import connect, is_transient
+from server import create_app
+
+
+def wrapped(error: Exception) -> Exception:
+    """Return error as redis-py's cluster client raises it when it cannot connect at all."""
+    try:
+        raise rx.RedisClusterException(f"Redis Cluster cannot be connected: {error}") from error
+    except rx.RedisClusterException as outer:
+        return outer
+
+
+@pytest.mark.parametrize("error", [
+    rx.ConnectionError("Error 111 connecting to 127.0.0.1:7000. Connection refused."),
+    rx.TimeoutError("Timeout reading from socket"),
+    rx.ClusterDownError("CLUSTERDOWN The cluster is down"),
+    rx.TryAgainError("TRYAGAIN"),
+    rx.MovedError("3999 127.0.0.1:6381"),
+    rx.ReadOnlyError("You can't write against a read only replica."),
+    wrapped(rx.ConnectionError("Error while reading: Connection reset by peer")),
+])
+def test_errors_of_a_failover_or_an_outage_are_retried(error):
+    assert is_transient(error)
+
+
+@pytest.mark.parametrize("error", [
+    rx.AuthenticationError("invalid username-password pair or user is disabled."),
+    rx.NoPermissionError("this user has no permissions to run the 'set' command"),
+    wrapped(rx.AuthenticationError("invalid username-password pair")),
+    wrapped(rx.ConnectionError("[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed")),
+    rx.ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"),
+    rx.DataError("Invalid input"),
+])
+def test_errors_that_waiting_cannot_mend_are_not_retried(error):
+    assert not is_transient(error)
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize(("replicas", "status"), [(1, 204), (2, 503)])
+def test_a_write_is_acknowledged_only_when_enough_replicas_confirm_it(
+        memorydb_cluster, replicas, status):
+    memorydb_cluster.flush()
+    config = cluster_config(memorydb_cluster, db_wait_replicas=replicas, db_retry_seconds=0.5,
+                            db_timeout=1.0)
+    database = connect(config)
+    client = create_app(config, database).test_client()
+    for n in range(3):
+        response = client.put(f"/customers/{n}", json={"n": n, "gone": None})
+        assert response.status_code == status
+    assert client.delete("/customers/0").status_code == status
+    if status == 503:
+        assert response.headers["Retry-After"]
+    database.close()
