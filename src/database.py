@@ -63,6 +63,14 @@ class LazyCluster:
     def __getattr__(self, name):
         return getattr(self.client(), name)
 
+    def refresh(self) -> None:
+        """Relearn which node serves which slots, if connected; failures wait for the next call."""
+        if self._client is not None:
+            try:
+                self._client.nodes_manager.initialize()
+            except TRANSIENT:
+                pass
+
     def close(self) -> None:
         """Close every connection of the client, if it ever connected."""
         if self._client is not None:
@@ -108,13 +116,8 @@ def _refresh_topology(redis):
     """Return a tenacity hook that relearns the cluster's slots before the next attempt."""
     def refresh(state):
         log.debug("database call failed (%s); retrying", state.outcome.exception())
-        if isinstance(redis, LazyCluster) and redis._client is None:
-            return
-        try:
-            if hasattr(redis, "nodes_manager"):
-                redis.nodes_manager.initialize()
-        except TRANSIENT:
-            pass
+        if isinstance(redis, LazyCluster):
+            redis.refresh()
     return refresh
 
 

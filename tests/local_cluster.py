@@ -17,8 +17,8 @@ SLOTS = 16384
 # and what redis-py's cluster client needs to connect and learn the topology.
 APP_ACCESS = ("~customer:* resetchannels -@all +auth +hello +ping "
               "+cluster|slots +cluster|shards +cluster|info +cluster|nodes +command "
-              "+readonly +readwrite +hgetall +hget +hmget +hset +hdel +del +exists +type +scan "
-              "+multi +exec +discard +watch +unwatch +wait")
+              "+readonly +readwrite +asking +hgetall +hget +hmget +hset +hdel +del +exists "
+              "+type +scan +multi +exec +discard +watch +unwatch +wait")
 
 
 def _port_free(port: int) -> bool:

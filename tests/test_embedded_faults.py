@@ -47,7 +47,7 @@ def test_kill_9_of_the_embedded_redis_under_writes_loses_no_acknowledged_write(t
         lost = load.lost_writes(service.url)
         report("Embedded Redis killed (kill -9) under writes, service restarted", load, len(lost))
     assert lost == []
-    assert len(load.acknowledged) > 50
+    assert len(load.acknowledged) >= 20
 
 
 def test_sigterm_lets_requests_in_flight_finish_then_exits_0_and_stops_redis(tmp_path):

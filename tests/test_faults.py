@@ -99,6 +99,7 @@ def test_online_resharding_under_load_answers_every_request(memorydb_cluster):
         load.stop()
         check("Online resharding (2,000 slots moved)", load, service)
     assert load.errors_by_status() == {}
+    assert "Traceback" not in service.printed
     memorydb_cluster.wait_ok()
 
 
