@@ -1,7 +1,7 @@
 """Build the Redis Cluster client the service talks to, and ride out its brief outages.
 
 Retries. redis-py's cluster client refreshes its topology after a connection error but
-retries without backoff, so a failover (several seconds) surfaces as errors. `retrying`
+retries without backoff, so a failover (several seconds) surfaces as errors. `Retrying`
 runs a whole store operation again, with exponential backoff and jitter, until it succeeds
 or DBRETRYSECONDS pass; then the last error goes up and the client gets a 503. Only
 operations that end in the same state however often they run may be retried, because a
@@ -89,7 +89,7 @@ def connect(config, max_connections=None) -> LazyCluster:
         "socket_connect_timeout": config.db_timeout,
         # Every thread may hold one connection per node, plus the readiness check's.
         "max_connections": max_connections or max(64, 2 * config.threads),
-        # One retry follows a topology change; waiting with backoff is `retrying`'s job.
+        # One retry follows a topology change; waiting with backoff is Retrying's job.
         "retry": Retry(NoBackoff(), 1),
     }
     if config.db_tls:
@@ -121,19 +121,41 @@ def _refresh_topology(redis):
     return refresh
 
 
-def retrying(redis, seconds: float) -> tenacity.Retrying:
-    """Return a policy that calls a function again while the database is briefly unavailable."""
-    return tenacity.Retrying(
-        retry=tenacity.retry_if_exception(is_transient),
-        stop=tenacity.stop_before_delay(seconds),
-        wait=tenacity.wait_exponential_jitter(multiplier=0.05, max=1.0, jitter=0.1),
-        before_sleep=_refresh_topology(redis),
-        reraise=True,
-    )
+class Retrying:
+    """Call a function again while the database is briefly unavailable, for at most `seconds`.
+
+    Once a call has run out of time, the database is taken as down: later calls try once
+    and fail at once, leaving the service's threads free, until one call succeeds again.
+    """
+
+    def __init__(self, redis, seconds: float):
+        self.down = threading.Event()
+        self._policy = tenacity.Retrying(
+            retry=tenacity.retry_if_exception(is_transient),
+            stop=tenacity.stop_before_delay(seconds) | tenacity.stop_when_event_set(self.down),
+            wait=tenacity.wait_exponential_jitter(multiplier=0.05, max=1.0, jitter=0.1),
+            before_sleep=_refresh_topology(redis),
+            reraise=True,
+        )
+
+    def __call__(self, function, *args, **kwargs):
+        """Return function(*args, **kwargs), retried as the class says."""
+        try:
+            result = self._policy(function, *args, **kwargs)
+        except Exception as error:
+            if is_transient(error) and not self.down.is_set():
+                self.down.set()
+                log.warning("database down: answering 503 at once until it is back (%s: %s)",
+                            type(error).__name__, error)
+            raise
+        if self.down.is_set():
+            self.down.clear()
+            log.info("database back: retrying brief outages again")
+        return result
 
 
 def retried(method):
-    """Run a store method under its store's `retrying` policy; the method must be retry-safe."""
+    """Run a store method under its store's Retrying policy; the method must be retry-safe."""
     @functools.wraps(method)
     def run(store, *args, **kwargs):
         return store.retrying(method, store, *args, **kwargs)

@@ -4,7 +4,7 @@ import uuid
 
 from redis import exceptions as rx
 
-from database import ReplicasBehind, retried, retrying, write_and_wait
+from database import ReplicasBehind, Retrying, retried, write_and_wait
 
 KEY_PREFIX = "customer:"
 # A field "_type:<name>" records the JSON type of a non-string field <name>.
@@ -91,7 +91,7 @@ class CustomerStore:
     def __init__(self, redis, retry_seconds: float = 0.0, wait_replicas: int = 0,
                  wait_timeout: float = 1.0):
         self.redis = redis
-        self.retrying = retrying(redis, retry_seconds)
+        self.retrying = Retrying(redis, retry_seconds)
         self.wait_replicas = wait_replicas
         self.wait_timeout = wait_timeout
 

@@ -34,7 +34,9 @@ def free_cluster_ports(count: int) -> list[int]:
     """Return ports whose cluster bus ports (port + 10000) are free too."""
     ports = []
     while len(ports) < count:
-        port = random.randint(20000, 45000)
+        # Below the kernel's ephemeral range (32768 and up), for the bus port too: a node
+        # restarted mid-test must not find its port taken by some client's connection.
+        port = random.randint(10000, 22700)
         if port not in ports and _port_free(port) and _port_free(port + 10000):
             ports.append(port)
     return ports

@@ -4,7 +4,7 @@ import pytest
 from redis import exceptions as rx
 
 from conftest import cluster_config
-from database import connect, is_transient
+from database import Retrying, connect, is_transient
 from server import create_app
 
 
@@ -57,3 +57,30 @@ def test_a_write_is_acknowledged_only_when_enough_replicas_confirm_it(
     if status == 503:
         assert response.headers["Retry-After"]
     database.close()
+
+
+def test_retries_wait_out_a_brief_outage_but_not_a_long_one():
+    attempts = []
+
+    def flaky(failures):
+        attempts.append(1)
+        if len(attempts) <= failures:
+            raise rx.ConnectionError("Connection refused")
+        return "answer"
+
+    policy = Retrying(None, seconds=1.0)
+    assert policy(flaky, 2) == "answer"
+    assert len(attempts) == 3
+    attempts.clear()
+    with pytest.raises(rx.ConnectionError):
+        policy(flaky, 1000)
+    assert len(attempts) > 1
+    attempts.clear()
+    with pytest.raises(rx.ConnectionError):
+        policy(flaky, 1000)
+    assert len(attempts) == 1  # known to be down: one attempt, an answer at once
+    attempts.clear()
+    assert policy(flaky, 0) == "answer"
+    attempts.clear()
+    assert policy(flaky, 1) == "answer"
+    assert len(attempts) == 2  # back up: brief outages are waited out again
