@@ -10,6 +10,7 @@ from storage import TYPE_PREFIX
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9._~-]{1,128}")
 MAX_FIELD_NAME = 256
+MERGE_PATCH = "application/merge-patch+json"
 
 
 def check_id(customer_id: str) -> None:
@@ -51,6 +52,19 @@ def read_fields(customer_id: str | None = None) -> dict:
     _check_id_field(body, customer_id)
     if not body:
         fail(400, "the body must hold at least one field besides id")
+    return _checked_fields(body)
+
+
+def read_merge_patch(customer_id: str) -> dict:
+    """Return the fields of a JSON merge patch (RFC 7396) on a flat customer, or stop with a 4xx."""
+    if request.mimetype != MERGE_PATCH:
+        fail(415, f"send a JSON merge patch with Content-Type: {MERGE_PATCH}")
+    body = read_json_object()
+    _check_id_field(body, customer_id)
+    return _checked_fields(body)
+
+
+def _checked_fields(body: dict) -> dict:
     for name, value in body.items():
         if not name:
             fail(400, "a field name must not be empty")

@@ -1,0 +1,28 @@
+"""Conditional requests (RFC 9110): ETags from storage versions, If-Match and If-None-Match."""
+
+from flask import Response, jsonify, request
+
+from storage import version
+
+
+def tagged(customer: dict, status: int = 200) -> Response:
+    """Answer with a customer and its strong ETag, or 304 when If-None-Match already has it."""
+    response = jsonify(customer)
+    response.status_code = status
+    response.set_etag(version(customer))
+    return response.make_conditional(request)
+
+
+def write_condition():
+    """Return a test of the current version (None: no customer) for If-Match and If-None-Match, or None."""
+    if_match, if_none_match = request.if_match, request.if_none_match
+    if not if_match and not if_none_match:
+        return None
+
+    def holds(current: str | None) -> bool:
+        if if_match and (current is None or not if_match.contains(current)):
+            return False
+        # If-None-Match compares weakly, so a W/ tag of the current version fails too.
+        return not (if_none_match and current is not None and if_none_match.contains_weak(current))
+
+    return holds
