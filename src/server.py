@@ -10,8 +10,11 @@ from dotenv import find_dotenv, load_dotenv
 from flask import Flask, Response, url_for
 from flask_restful import Api, Resource
 
+import access
+import api_contract
 import errors
 import preconditions
+import request_log
 import validation
 from database import connect
 from embedded import EmbeddedError, EmbeddedRedis, find_redis_server
@@ -147,12 +150,15 @@ def create_app(config: Config, redis_client) -> Flask:
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     errors.register(app)
+    request_log.install(app)
+    access.require_tokens(app, config.api_tokens)
     store = CustomerStore(redis_client)
     api = JsonApi(app)
     resources = {"store": store}
     api.add_resource(Customers, "/customers", resource_class_kwargs=resources)
     api.add_resource(Customers_ID, "/customers/<customer_id>", endpoint="customer",
                      resource_class_kwargs=resources)
+    api_contract.install(app)
     return app
 
 
@@ -180,8 +186,8 @@ def main() -> int:
     except ConfigError as error:
         print(f"configuration error: {error}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=config.log_level,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    request_log.configure(config.log_level, config.log_format)
+    access.warn_if_open(config)
     import serving
 
     try:

@@ -1,6 +1,7 @@
 """Check what clients send before anything is stored."""
 
 import json
+import math
 import re
 
 from flask import request
@@ -23,16 +24,28 @@ def _no_constants(name):
     raise ValueError(f"{name} is not a JSON number")
 
 
+def _finite(text):
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(f"{text} is too large for a JSON number")
+    return number
+
+
 def read_json_object() -> dict:
     """Return the request's JSON object, or stop with 400, 413 or 415."""
     if not request.is_json:
         fail(415, "send a JSON object with Content-Type: application/json")
     try:
-        body = json.loads(request.get_data(cache=False), parse_constant=_no_constants)
+        body = json.loads(request.get_data(cache=False), parse_constant=_no_constants,
+                          parse_float=_finite)
     except (ValueError, RecursionError):
         fail(400, "the body is not valid JSON")
     if not isinstance(body, dict):
         fail(400, "the body must be a JSON object")
+    try:
+        json.dumps(body, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        fail(400, "the body holds a lone surrogate escape (\\ud800 to \\udfff), which is no text")
     return body
 
 
@@ -52,6 +65,8 @@ def read_fields(customer_id: str | None = None) -> dict:
     _check_id_field(body, customer_id)
     if not body:
         fail(400, "the body must hold at least one field besides id")
+    if customer_id is None and None in body.values():
+        fail(400, "a new customer has no field to remove: send no null values")
     return _checked_fields(body)
 
 
