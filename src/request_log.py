@@ -13,18 +13,23 @@ HEADER = "X-Request-ID"
 # A client's id is kept when it is short and plain, so that it cannot forge log lines.
 CLIENT_ID = re.compile(r"[A-Za-z0-9._~:+/=-]{1,128}")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+JSON_FIELDS = "%(asctime)s %(levelname)s %(name)s %(message)s"
+
+
+def handler(log_format: str, stream=None) -> logging.Handler:
+    """Return a handler writing text lines or JSON objects to the stream (standard error)."""
+    stream_handler = logging.StreamHandler(stream)
+    if log_format == "json":
+        stream_handler.setFormatter(JsonFormatter(JSON_FIELDS, rename_fields={
+            "levelname": "level", "name": "logger"}))
+    else:
+        stream_handler.setFormatter(logging.Formatter(TEXT_FORMAT))
+    return stream_handler
 
 
 def configure(level: str, log_format: str) -> None:
     """Send every log record to standard error, as text lines or JSON objects."""
-    handler = logging.StreamHandler()
-    if log_format == "json":
-        handler.setFormatter(JsonFormatter("%(asctime)s %(levelname)s %(name)s %(message)s",
-                                           rename_fields={"levelname": "level",
-                                                          "name": "logger"}))
-    else:
-        handler.setFormatter(logging.Formatter(TEXT_FORMAT))
-    logging.basicConfig(level=level, handlers=[handler], force=True)
+    logging.basicConfig(level=level, handlers=[handler(log_format)], force=True)
 
 
 def _printable(text: str) -> str:
