@@ -32,6 +32,23 @@ def configure(level: str, log_format: str) -> None:
     logging.basicConfig(level=level, handlers=[handler(log_format)], force=True)
 
 
+def gunicorn_settings(level: str, log_format: str) -> dict:
+    """Return gunicorn settings that make its own lines JSON too when the format is json."""
+    if log_format != "json":
+        return {}
+    return {"logconfig_dict": {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": JsonFormatter, "fmt": JSON_FIELDS,
+                                "rename_fields": {"levelname": "level", "name": "logger"}}},
+        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json",
+                                "stream": "ext://sys.stderr"}},
+        "root": {"level": level, "handlers": ["stderr"]},
+        "loggers": {"gunicorn.error": {"level": level, "handlers": ["stderr"],
+                                       "propagate": False}},
+    }}
+
+
 def _printable(text: str) -> str:
     """Escape what could break a log line or fake another (newlines, control characters)."""
     return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")

@@ -4,6 +4,7 @@ import io
 import json
 import logging
 import re
+import urllib.request
 
 import pytest
 
@@ -96,9 +97,16 @@ def test_the_running_service_logs_json_lines_without_bodies_or_tokens(redis_clus
     env = {"DBHOST": config.db_host, "DBPORT": str(config.db_port), "DBTLS": "false",
            "WORKERS": "1", "LOG_FORMAT": "json", "API_TOKENS": token}
     with ServiceProcess(env) as service:
-        request = call(service.url + "/customers/1", "GET")
-        assert request[0] == 401
-    lines = [json.loads(line) for line in service.printed.splitlines()
-             if line.startswith("{") and '"customers.requests"' in line]
-    assert any(line["path"] == "/customers/1" and line["status"] == 401 for line in lines)
+        assert call(service.url + "/customers/1", "GET")[0] == 401
+        put = urllib.request.Request(service.url + "/customers/1", json.dumps(JOE).encode(),
+                                     method="PUT", headers={"Authorization": f"Bearer {token}",
+                                                            "Content-Type": "application/json"})
+        with urllib.request.urlopen(put, timeout=10) as response:
+            assert response.status == 204
+    lines = [json.loads(line) for line in service.printed.splitlines() if line.strip()]
+    requests = [(line["method"], line["path"], line["status"]) for line in lines
+                if line["logger"] == "customers.requests"]
+    assert requests[-2:] == [("GET", "/customers/1", 401), ("PUT", "/customers/1", 204)]
+    assert any(line["logger"] == "gunicorn.error" for line in lines)
     assert token not in service.printed
+    assert all(value not in service.printed for value in JOE.values())
