@@ -17,7 +17,7 @@ def tagged(customer: dict, status: int = 200) -> Response:
 
 
 def write_condition():
-    """Return a test of the current version (None: no customer) for If-Match and If-None-Match, or None."""
+    """Return a test of the current version (None: no customer) for If-Match and If-None-Match."""
     if_match, if_none_match = request.if_match, request.if_none_match
     if not if_match and not if_none_match:
         return None

@@ -154,7 +154,7 @@ class CustomerStore:
             raise
 
     def _checked_write(self, customer_id: str, write):
-        """Read a customer and queue a write on its value in one WATCH/MULTI step; return EXEC's replies.
+        """Read a customer and queue a write in one WATCH/MULTI step; return EXEC's replies.
 
         write(pipe, customer or None) queues the commands, or raises to write nothing.
         """
@@ -181,7 +181,7 @@ class CustomerStore:
         raise Contended(f"customer {customer_id} kept changing during {WATCH_ATTEMPTS} attempts")
 
     def merge_if(self, customer_id: str, fields: dict, condition) -> None:
-        """Merge fields into a customer in one atomic step if condition(current version or None) holds."""
+        """Merge fields into a customer in one atomic step if condition(version or None) holds."""
         def write(pipe, current):
             if not condition(version(current) if current else None):
                 raise PreconditionFailed(customer_id)
@@ -190,7 +190,7 @@ class CustomerStore:
         self._checked_write(customer_id, write)
 
     def patch(self, customer_id: str, fields: dict, condition=None) -> dict | None:
-        """Apply a merge patch to an existing customer in one atomic step; None when there is none."""
+        """Apply a merge patch to an existing customer in one atomic step; None if there is none."""
         key = customer_key(customer_id)
 
         def write(pipe, current):
