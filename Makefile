@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: help run test lint clean
+.PHONY: help run test fuzz lint clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -19,6 +19,11 @@ run: $(INSTALLED) ## Start the service (embedded durable Redis when DBHOST is un
 
 test: $(INSTALLED) ## Run every test, the real-cluster ones included
 	$(BIN)/python -m pytest
+
+fuzz: $(INSTALLED) ## Fuzz a running service longer: make fuzz [URL=...] [TOKEN=...] [EXAMPLES=500]
+	$(BIN)/schemathesis --config-file tests/schemathesis.toml run src/openapi.json \
+		--url $(or $(URL),http://127.0.0.1:8080) --max-examples $(or $(EXAMPLES),500) \
+		$(if $(TOKEN),--header "Authorization: Bearer $(TOKEN)")
 
 clean: ## Remove the virtual environment (data/ is kept)
 	rm -rf $(VENV)
