@@ -124,3 +124,11 @@ def test_listening_beyond_loopback_without_tokens_warns_at_start(caplog, host, t
     caplog.set_level(logging.WARNING)
     warn_if_open(Config(host=host, api_tokens=tokens))
     assert ("without API_TOKENS" in caplog.text) == warns
+
+
+def test_a_base64_token_with_padding_works(redis_client):
+    token = "Zm9vYmFy/base64+token=="
+    client = create_app(Config(api_tokens=load_config({"API_TOKENS": token}).api_tokens),
+                        redis_client).test_client()
+    assert client.get("/customers", headers=bearer(token)).status_code == 200
+    assert client.get("/customers", headers=bearer(token[:-1])).status_code == 401
