@@ -184,3 +184,22 @@ def test_concurrent_writers_using_if_match_lose_no_update(app):
     assert failures == []
     assert app.test_client().get("/customers/counter").get_json()["n"] == writers * increments
     print(f"{writers} writers x {increments} increments: {len(conflicts)} answered 412 and retried")
+
+
+def test_a_write_whose_customer_keeps_changing_gives_up_as_unavailable(redis_client):
+    from storage import UNAVAILABLE, WATCH_ATTEMPTS, Contended, CustomerStore
+
+    store = CustomerStore(redis_client)
+    store.merge("1", {"n": 0})
+    changes = []
+
+    def meddling_condition(version):
+        changes.append(version)
+        redis_client.hset("customer:1", "n", str(len(changes)))  # another writer, every time
+        return True
+
+    with pytest.raises(Contended) as raised:
+        store.merge_if("1", {"n": -1}, meddling_condition)
+    assert isinstance(raised.value, UNAVAILABLE)
+    assert len(changes) == WATCH_ATTEMPTS
+    assert store.get("1") == {"id": "1", "n": WATCH_ATTEMPTS}  # the int marker stays
