@@ -12,6 +12,7 @@ import request_log
 from conftest import cluster_config
 from http_client import call
 from service_process import ServiceProcess
+from settings import ConfigError, load_config
 
 JOE = {"name": "Joe", "email": "joe@example.com", "phone": "+1 555 0100"}
 
@@ -110,3 +111,10 @@ def test_the_running_service_logs_json_lines_without_bodies_or_tokens(redis_clus
     assert any(line["logger"] == "gunicorn.error" for line in lines)
     assert token not in service.printed
     assert all(value not in service.printed for value in JOE.values())
+
+
+def test_log_format_is_text_by_default_and_json_on_request():
+    assert load_config({}).log_format == "text"
+    assert load_config({"LOG_FORMAT": "JSON"}).log_format == "json"
+    with pytest.raises(ConfigError, match="LOG_FORMAT must be text or json"):
+        load_config({"LOG_FORMAT": "xml"})
