@@ -14,14 +14,14 @@ HEADER = "X-Request-ID"
 CLIENT_ID = re.compile(r"[A-Za-z0-9._~:+/=-]{1,128}")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 JSON_FIELDS = "%(asctime)s %(levelname)s %(name)s %(message)s"
+JSON_NAMES = {"levelname": "level", "name": "logger"}
 
 
 def handler(log_format: str, stream=None) -> logging.Handler:
     """Return a handler writing text lines or JSON objects to the stream (standard error)."""
     stream_handler = logging.StreamHandler(stream)
     if log_format == "json":
-        stream_handler.setFormatter(JsonFormatter(JSON_FIELDS, rename_fields={
-            "levelname": "level", "name": "logger"}))
+        stream_handler.setFormatter(JsonFormatter(JSON_FIELDS, rename_fields=JSON_NAMES))
     else:
         stream_handler.setFormatter(logging.Formatter(TEXT_FORMAT))
     return stream_handler
@@ -40,7 +40,7 @@ def gunicorn_settings(level: str, log_format: str) -> dict:
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"json": {"()": JsonFormatter, "fmt": JSON_FIELDS,
-                                "rename_fields": {"levelname": "level", "name": "logger"}}},
+                                "rename_fields": JSON_NAMES}},
         "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json",
                                 "stream": "ext://sys.stderr"}},
         "root": {"level": level, "handlers": ["stderr"]},
