@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: help run test cluster reliability lint clean
+.PHONY: help run test fuzz cluster reliability lint clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -30,6 +30,11 @@ reliability: $(INSTALLED) ## Run the fault tests and print a table per fault
 	RELIABILITY_REPORT=$(VENV)/reliability.md $(BIN)/python -m pytest -q \
 		tests/test_faults.py tests/test_embedded_faults.py; \
 		status=$$?; echo; cat $(VENV)/reliability.md; exit $$status
+
+fuzz: $(INSTALLED) ## Fuzz a running service longer: make fuzz [URL=...] [TOKEN=...] [EXAMPLES=500]
+	$(BIN)/schemathesis --config-file tests/schemathesis.toml run src/openapi.json \
+		--url $(or $(URL),http://127.0.0.1:8080) --max-examples $(or $(EXAMPLES),500) \
+		$(if $(TOKEN),--header "Authorization: Bearer $(TOKEN)")
 
 clean: ## Remove the virtual environment (data/ is kept)
 	rm -rf $(VENV)

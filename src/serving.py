@@ -2,6 +2,8 @@
 
 from gunicorn.app.base import BaseApplication
 
+import request_log
+
 
 class Server(BaseApplication):
     """Gunicorn, configured from our settings rather than its command line."""
@@ -32,4 +34,5 @@ def serve(factory, config) -> None:
         "timeout": 60,
         "loglevel": config.log_level.lower(),
         "control_socket_disable": True,
+        **request_log.gunicorn_settings(config.log_level, config.log_format),
     }).run()

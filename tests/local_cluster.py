@@ -1,16 +1,16 @@
 """Start and control real Redis Cluster processes on loopback for tests and benchmarks."""
 
 import os
-import random
 import secrets
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
+
+from embedded import free_cluster_port
 
 SLOTS = 16384
 # What the service's least-privilege ACL user may run: its data commands on customer keys,
@@ -21,24 +21,11 @@ APP_ACCESS = ("~customer:* resetchannels -@all +auth +hello +ping "
               "+type +scan +multi +exec +discard +watch +unwatch +wait")
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 def free_cluster_ports(count: int) -> list[int]:
-    """Return ports whose cluster bus ports (port + 10000) are free too."""
+    """Return distinct ports whose cluster bus ports (port + 10000) are free too."""
     ports = []
     while len(ports) < count:
-        # Below the kernel's ephemeral range (32768 and up), for the bus port too: a node
-        # restarted mid-test must not find its port taken by some client's connection.
-        port = random.randint(10000, 22700)
-        if port not in ports and _port_free(port) and _port_free(port + 10000):
-            ports.append(port)
+        ports.append(free_cluster_port(taken=ports))
     return ports
 
 
