@@ -16,7 +16,8 @@ timed-out or disconnected command may still have been applied:
   above, so it is applied again and waited for again.
 A conditional write (WATCH, check, MULTI/EXEC) must retry the whole check-and-write: if a
 lost reply hid a successful EXEC, the retry sees the new version and reports a conflict,
-never a double write. Errors that waiting cannot mend (a wrong password, a missing ACL
+never a double write. DBWAITREPLICAS covers the unconditional writes (write_and_wait), not
+yet the conditional ones. Errors that waiting cannot mend (a wrong password, a missing ACL
 permission, a certificate that fails verification) are not retried.
 """
 
