@@ -7,10 +7,11 @@ import logging
 import sys
 
 from dotenv import find_dotenv, load_dotenv
-from flask import Flask, Response, url_for
+from flask import Flask, Response, request, url_for
 from flask_restful import Api, Resource
 
 import errors
+import listing
 import validation
 from database import connect
 from embedded import EmbeddedError, EmbeddedRedis, find_redis_server
@@ -19,6 +20,8 @@ from storage import CustomerStore, NotACustomer
 
 log = logging.getLogger("customers")
 STREAM_CHUNK_BYTES = 64 * 1024
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
 
 
 def no_content() -> Response:
@@ -34,6 +37,19 @@ class JsonApi(Api):
     def handle_error(self, e):
         """Re-raise, so that Flask's handlers (see errors.py) answer."""
         raise e
+
+
+def page_arguments() -> tuple[int, str | None] | None:
+    """Return the page size and cursor asked for, or None when the whole list is wanted."""
+    if "limit" not in request.args and "cursor" not in request.args:
+        return None
+    limit = request.args.get("limit", str(DEFAULT_PAGE_SIZE))
+    if not (limit.isascii() and limit.isdigit() and 1 <= int(limit) <= MAX_PAGE_SIZE):
+        errors.fail(400, f"limit must be a whole number from 1 to {MAX_PAGE_SIZE}")
+    cursor = request.args.get("cursor")
+    if cursor == "":
+        errors.fail(400, "cursor must be the one from a Link header of this service")
+    return int(limit), cursor
 
 
 def stream_json_array(items) -> Response:
@@ -68,8 +84,22 @@ class Customers(Resource):
         self.store = store
 
     def get(self):
-        """List every customer."""
-        return stream_json_array(self.store.list())
+        """List every customer, streamed, or one page of them when limit or cursor is given."""
+        paging = page_arguments()
+        if paging is None:
+            return stream_json_array(listing.walk(self.store))
+        limit, cursor = paging
+        try:
+            customers, following = listing.page(self.store, limit, cursor)
+        except listing.BadCursor as error:
+            errors.fail(400, f"{error}: use the one from a Link header of this service")
+        except listing.StaleCursor as error:
+            errors.fail(410, f"{error}: start again without a cursor")
+        headers = {}
+        if following:
+            url = url_for("customers", limit=limit, cursor=following)
+            headers["Link"] = f'<{url}>; rel="next"'
+        return customers, 200, headers
 
     def post(self):
         """Create a customer under a new id."""

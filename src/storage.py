@@ -7,7 +7,6 @@ from redis import exceptions as rx
 KEY_PREFIX = "customer:"
 # A field "_type:<name>" records the JSON type of a non-string field <name>.
 TYPE_PREFIX = "_type:"
-SCAN_COUNT = 1000
 
 # Errors that mean the database cannot answer now, as opposed to a bug in a request.
 UNAVAILABLE = (
@@ -134,33 +133,3 @@ class CustomerStore:
             primaries = self.redis.get_primaries()
             return [self.redis.get_redis_connection(node) for node in primaries]
         return [self.redis]
-
-    def scan_node(self, node, seen: set):
-        """Yield every customer on one node, fetched in pipelined batches."""
-        cursor = None
-        while cursor != 0:
-            cursor, keys = node.scan(cursor or 0, match=KEY_PREFIX + "*", count=SCAN_COUNT,
-                                     _type="hash")
-            fresh = [key for key in keys if key not in seen]
-            seen.update(fresh)
-            yield from self._fetch(node, fresh)
-
-    @staticmethod
-    def _fetch(node, keys: list):
-        if not keys:
-            return
-        pipe = node.pipeline(transaction=False)
-        for key in keys:
-            pipe.hgetall(key)
-        for key, raw in zip(keys, pipe.execute(raise_on_error=False), strict=True):
-            if isinstance(raw, Exception) and "WRONGTYPE" not in str(raw):
-                raise raw
-            # A key deleted or retyped since SCAN saw it is not a customer any more.
-            if isinstance(raw, dict) and raw:
-                yield decode(key[len(KEY_PREFIX):], raw)
-
-    def list(self):
-        """Yield every customer in the database once."""
-        seen = set()
-        for node in self.nodes():
-            yield from self.scan_node(node, seen)

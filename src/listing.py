@@ -1,0 +1,171 @@
+"""List customers across every primary: pages behind opaque cursors, or one bounded walk."""
+
+import base64
+import binascii
+import hashlib
+import json
+import logging
+import time
+
+from storage import KEY_PREFIX, UNAVAILABLE, CustomerStore, decode
+
+log = logging.getLogger(__name__)
+SCAN_COUNT = 1000
+MATCH = KEY_PREFIX + "*"
+CURSOR_VERSION = 1
+# How long a walk that has already sent customers keeps trying to get past a failover.
+RESUME_SECONDS = 20
+RESUME_PAUSE_SECONDS = 0.5
+
+
+class BadCursor(ValueError):
+    """A cursor that this service did not make."""
+
+
+class StaleCursor(Exception):
+    """A cursor made before the cluster's primaries or their slots changed."""
+
+
+def topology(redis) -> tuple[str, list]:
+    """Return a fingerprint of which primary holds which slots, and a client per primary."""
+    if not hasattr(redis, "get_primaries"):
+        return "single", [redis]
+    # A node that never learnt its own address (a one-node cluster) announces an empty host.
+    known_host = redis.get_default_node().host
+    layout = sorted((start, end, slots["primary"][0] or known_host, slots["primary"][1])
+                    for (start, end), slots in redis.cluster_slots().items())
+    fingerprint = hashlib.blake2b(repr(layout).encode(), digest_size=6).hexdigest()
+    names = sorted({f"{host}:{port}" for _, _, host, port in layout})
+    if any(redis.get_node(node_name=name) is None for name in names):
+        redis.nodes_manager.initialize()
+    nodes = [redis.get_node(node_name=name) for name in names]
+    if None in nodes:
+        raise UNAVAILABLE[0](f"the cluster announces primaries it cannot reach: {names}")
+    return fingerprint, [redis.get_redis_connection(node) for node in nodes]
+
+
+def fetch(node, keys) -> list:
+    """Read whole customers from one node in one pipeline; keys gone or retyped since are skipped."""
+    if not keys:
+        return []
+    pipe = node.pipeline(transaction=False)
+    for key in keys:
+        pipe.hgetall(key)
+    customers = []
+    for key, raw in zip(keys, pipe.execute(raise_on_error=False), strict=True):
+        if isinstance(raw, Exception) and "WRONGTYPE" not in str(raw):
+            raise raw
+        if isinstance(raw, dict) and raw:
+            customers.append(decode(key[len(KEY_PREFIX):], raw))
+    return customers
+
+
+def scan(node, cursor: int, count: int) -> tuple[int, list]:
+    """Run one SCAN step for customer hashes on one node."""
+    return node.scan(cursor, match=MATCH, count=count, _type="hash")
+
+
+def encode_cursor(position: list) -> str:
+    """Turn a walk's position into an opaque URL-safe token."""
+    text = json.dumps([CURSOR_VERSION, *position], separators=(",", ":"))
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def decode_cursor(token: str) -> list:
+    """Read a token made by encode_cursor, or raise BadCursor."""
+    try:
+        padded = token + "=" * (-len(token) % 4)
+        version, *position = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
+    except (ValueError, TypeError, UnicodeError, binascii.Error):
+        raise BadCursor("cursor is not one this service made") from None
+    if version != CURSOR_VERSION or len(position) != 6:
+        raise BadCursor("cursor is not one this service made")
+    fingerprint, node, cursor, count, after, expect = position
+    valid = (isinstance(fingerprint, str) and _whole(node) and _whole(cursor)
+             and (count is None or _whole(count) and 0 < count <= SCAN_COUNT)
+             and (after is None) == (count is None) == (expect is None)
+             and (after is None or isinstance(after, str) and _whole(expect)))
+    if not valid:
+        raise BadCursor("cursor is not one this service made")
+    return position
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def page(store: CustomerStore, limit: int, token: str | None) -> tuple[list, str | None]:
+    """Return at most limit customers from where token left off, and the token of the rest."""
+    fingerprint, nodes = topology(store.redis)
+    position = decode_cursor(token) if token else [fingerprint, 0, 0, None, None, None]
+    if position[0] != fingerprint:
+        raise StaleCursor("the cluster's primaries changed since this listing began")
+    _, index, cursor, count, after, expect = position
+    if index >= len(nodes):
+        raise BadCursor("cursor is not one this service made")
+    taken, customers = set(), []
+    while len(taken) < limit and index < len(nodes):
+        want = limit - len(taken)
+        # A batch split by the previous page is scanned again with the same COUNT.
+        step = count or min(SCAN_COUNT, want)
+        node = nodes[index]
+        following, keys = scan(node, cursor, step)
+        keys = sorted(set(keys) - taken)
+        if after is not None and following == expect:
+            keys = [key for key in keys if key > after]
+        # Else writes changed that batch since: send it whole again (SCAN may repeat, not miss).
+        count = after = expect = None
+        if len(keys) > want:
+            keys = keys[:want]
+            count, after, expect = step, keys[-1], following
+        else:
+            cursor = following
+            index += cursor == 0
+        taken.update(keys)
+        customers += fetch(node, keys)
+    more = index < len(nodes)
+    return customers, encode_cursor([fingerprint, index, cursor, count, after, expect]) if more \
+        else None
+
+
+class SeenKeys:
+    """Remember keys by 64-bit hash: about 60 bytes a key instead of the key itself."""
+
+    def __init__(self):
+        self.hashes = set()
+
+    def __contains__(self, key: str) -> bool:
+        return hash(key) in self.hashes
+
+    def update(self, keys) -> None:
+        """Record the keys."""
+        self.hashes.update(map(hash, keys))
+
+
+def walk(store: CustomerStore):
+    """Yield every customer once; after an outage mid-walk, walk again skipping those sent."""
+    seen = SeenKeys()
+    sent = False
+    deadline = None
+    while True:
+        try:
+            for node in topology(store.redis)[1]:
+                cursor = None
+                while cursor != 0:
+                    cursor, keys = scan(node, cursor or 0, SCAN_COUNT)
+                    fresh = [key for key in dict.fromkeys(keys) if key not in seen]
+                    customers = fetch(node, fresh)
+                    # Only keys whose customers are in hand count as sent.
+                    seen.update(fresh)
+                    sent = sent or bool(customers)
+                    yield from customers
+            return
+        except UNAVAILABLE as error:
+            # Before the first customer the caller can still answer 503; after it, resume.
+            if not sent:
+                raise
+            deadline = deadline or time.monotonic() + RESUME_SECONDS
+            if time.monotonic() > deadline:
+                raise
+            log.warning("listing interrupted (%s); walking again past what was sent", error)
+            time.sleep(RESUME_PAUSE_SECONDS)
