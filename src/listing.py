@@ -2,6 +2,7 @@
 
 import base64
 import binascii
+import bisect
 import hashlib
 import json
 import logging
@@ -30,10 +31,7 @@ def topology(redis) -> tuple[str, list]:
     """Return a fingerprint of which primary holds which slots, and a client per primary."""
     if not hasattr(redis, "get_primaries"):
         return "single", [redis]
-    # A node that never learnt its own address (a one-node cluster) announces an empty host.
-    known_host = redis.get_default_node().host
-    layout = sorted((start, end, slots["primary"][0] or known_host, slots["primary"][1])
-                    for (start, end), slots in redis.cluster_slots().items())
+    layout = sorted(_slot_layout(redis))
     fingerprint = hashlib.blake2b(repr(layout).encode(), digest_size=6).hexdigest()
     names = sorted({f"{host}:{port}" for _, _, host, port in layout})
     if any(redis.get_node(node_name=name) is None for name in names):
@@ -42,6 +40,21 @@ def topology(redis) -> tuple[str, list]:
     if None in nodes:
         raise UNAVAILABLE[0](f"the cluster announces primaries it cannot reach: {names}")
     return fingerprint, [redis.get_redis_connection(node) for node in nodes]
+
+
+def _slot_layout(redis) -> list:
+    """Ask the known nodes in turn, primaries first, which primary serves which slots."""
+    failure = None
+    for node in redis.get_primaries() + redis.get_replicas():
+        try:
+            reply = redis.get_redis_connection(node).execute_command("CLUSTER SLOTS")
+        except UNAVAILABLE as error:
+            failure = error
+            continue
+        # A node that never learnt its own address (a one-node cluster) announces no host.
+        return [(start, end, primary[0] or node.host, primary[1])
+                for start, end, primary, *_ in reply]
+    raise failure or UNAVAILABLE[0]("no node of the cluster is known")
 
 
 def fetch(node, keys) -> list:
@@ -78,16 +91,19 @@ def decode_cursor(token: str) -> list:
         version, *position = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
     except (ValueError, TypeError, UnicodeError, binascii.Error):
         raise BadCursor("cursor is not one this service made") from None
-    if version != CURSOR_VERSION or len(position) != 6:
+    if version != CURSOR_VERSION or len(position) != 5:
         raise BadCursor("cursor is not one this service made")
-    fingerprint, node, cursor, count, after, expect = position
+    fingerprint, node, cursor, after, sent_digest = position
     valid = (isinstance(fingerprint, str) and _whole(node) and _whole(cursor)
-             and (count is None or _whole(count) and 0 < count <= SCAN_COUNT)
-             and (after is None) == (count is None) == (expect is None)
-             and (after is None or isinstance(after, str) and _whole(expect)))
+             and (after is None) == (sent_digest is None)
+             and (after is None or isinstance(after, str) and isinstance(sent_digest, str)))
     if not valid:
         raise BadCursor("cursor is not one this service made")
     return position
+
+
+def _digest(keys: list) -> str:
+    return hashlib.blake2b("\n".join(keys).encode(), digest_size=6).hexdigest()
 
 
 def _whole(value) -> bool:
@@ -97,34 +113,38 @@ def _whole(value) -> bool:
 def page(store: CustomerStore, limit: int, token: str | None) -> tuple[list, str | None]:
     """Return at most limit customers from where token left off, and the token of the rest."""
     fingerprint, nodes = topology(store.redis)
-    position = decode_cursor(token) if token else [fingerprint, 0, 0, None, None, None]
+    position = decode_cursor(token) if token else [fingerprint, 0, 0, None, None]
     if position[0] != fingerprint:
         raise StaleCursor("the cluster's primaries changed since this listing began")
-    _, index, cursor, count, after, expect = position
+    _, index, cursor, after, sent_digest = position
     if index >= len(nodes):
         raise BadCursor("cursor is not one this service made")
     taken, customers = set(), []
     while len(taken) < limit and index < len(nodes):
         want = limit - len(taken)
-        # A batch split by the previous page is scanned again with the same COUNT.
-        step = count or min(SCAN_COUNT, want)
         node = nodes[index]
-        following, keys = scan(node, cursor, step)
-        keys = sorted(set(keys) - taken)
-        if after is not None and following == expect:
-            keys = [key for key in keys if key > after]
+        following, keys = scan(node, cursor, SCAN_COUNT)
+        batch = sorted(set(keys))
+        start = 0
+        # Resuming a batch the last page split: skip what it sent, if that part is unchanged.
+        if after is not None:
+            sent = bisect.bisect_right(batch, after)
+            if _digest(batch[:sent]) == sent_digest:
+                start = sent
         # Else writes changed that batch since: send it whole again (SCAN may repeat, not miss).
-        count = after = expect = None
+        keys = [key for key in batch[start:] if key not in taken]
+        after = sent_digest = None
         if len(keys) > want:
             keys = keys[:want]
-            count, after, expect = step, keys[-1], following
+            after = keys[-1]
+            sent_digest = _digest(batch[:bisect.bisect_right(batch, after)])
         else:
             cursor = following
             index += cursor == 0
         taken.update(keys)
         customers += fetch(node, keys)
     more = index < len(nodes)
-    return customers, encode_cursor([fingerprint, index, cursor, count, after, expect]) if more \
+    return customers, encode_cursor([fingerprint, index, cursor, after, sent_digest]) if more \
         else None
 
 
