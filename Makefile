@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: help run test lint clean
+.PHONY: help run test bench lint clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -19,6 +19,10 @@ run: $(INSTALLED) ## Start the service (embedded durable Redis when DBHOST is un
 
 test: $(INSTALLED) ## Run every test, the real-cluster ones included
 	$(BIN)/python -m pytest
+
+bench: $(INSTALLED) ## Benchmark against the original's design (about 5 minutes; installs wrk)
+	command -v wrk >/dev/null || apt-get install -y wrk || (apt-get update && apt-get install -y wrk)
+	$(BIN)/python benchmarks/bench.py
 
 clean: ## Remove the virtual environment (data/ is kept)
 	rm -rf $(VENV)

@@ -192,3 +192,8 @@ def test_a_walk_interrupted_by_a_failover_resumes_without_duplicates(failover_cl
     assert set(listed) == stored
     redis_client.close()
     failover_cluster.start_node(killed)
+
+
+def test_streaming_keeps_integers_beyond_64_bits(client):
+    client.put("/customers/1", json={"big": 10**30, "small": -(2**70)})
+    assert client.get("/customers").get_json() == [{"id": "1", "big": 10**30, "small": -(2**70)}]
