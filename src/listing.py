@@ -4,9 +4,11 @@ import base64
 import binascii
 import bisect
 import hashlib
+import heapq
 import json
 import logging
 import time
+from array import array
 
 from storage import KEY_PREFIX, UNAVAILABLE, CustomerStore, decode
 
@@ -149,17 +151,26 @@ def page(store: CustomerStore, limit: int, token: str | None) -> tuple[list, str
 
 
 class SeenKeys:
-    """Remember keys by 64-bit hash: about 60 bytes a key instead of the key itself."""
+    """Remember keys by 64-bit hash: a sorted array (8 bytes a key) and a set of recent ones."""
 
     def __init__(self):
-        self.hashes = set()
+        self.merged = array("q")
+        self.recent = set()
 
     def __contains__(self, key: str) -> bool:
-        return hash(key) in self.hashes
+        digest = hash(key)
+        if digest in self.recent:
+            return True
+        at = bisect.bisect_left(self.merged, digest)
+        return at < len(self.merged) and self.merged[at] == digest
 
     def update(self, keys) -> None:
         """Record the keys."""
-        self.hashes.update(map(hash, keys))
+        self.recent.update(map(hash, keys))
+        # Merging only when the set outgrows an eighth of the array keeps the work linear.
+        if len(self.recent) > max(65536, len(self.merged) // 8):
+            self.merged = array("q", heapq.merge(self.merged, sorted(self.recent)))
+            self.recent.clear()
 
 
 def walk(store: CustomerStore):

@@ -24,6 +24,21 @@ UNAVAILABLE = (
 )
 
 
+# HSET then HDEL on one key as one atomic step, in one round trip (a MULTI/EXEC pipeline
+# measured twice as slow). ARGV: the number of fields to set, their name/value pairs, then
+# the fields to delete; unpack() takes at most a few thousand values at a time.
+MERGE_SCRIPT = """
+local set_end = tonumber(ARGV[1]) * 2 + 1
+for first = 2, set_end, 1000 do
+  redis.call('HSET', KEYS[1], unpack(ARGV, first, math.min(first + 999, set_end)))
+end
+for first = set_end + 1, #ARGV, 1000 do
+  redis.call('HDEL', KEYS[1], unpack(ARGV, first, math.min(first + 999, #ARGV)))
+end
+return 1
+"""
+
+
 class NotACustomer(Exception):
     """The key of a customer holds something other than a hash."""
 
@@ -85,6 +100,7 @@ class CustomerStore:
 
     def __init__(self, redis):
         self.redis = redis
+        self._merge = None
 
     def get(self, customer_id: str) -> dict | None:
         """Return one customer, or None when there is none."""
@@ -105,19 +121,12 @@ class CustomerStore:
 
     def merge(self, customer_id: str, fields: dict) -> None:
         """Set the given fields of a customer, removing those given as None."""
-        key = customer_key(customer_id)
         to_set, to_delete = encode(fields)
+        if self._merge is None:
+            self._merge = self.redis.register_script(MERGE_SCRIPT)
+        pairs = [part for item in to_set.items() for part in item]
         try:
-            if to_set and to_delete:
-                # One key, one slot: a MULTI/EXEC applies both or neither.
-                pipe = self.redis.pipeline(transaction=True)
-                pipe.hset(key, mapping=to_set)
-                pipe.hdel(key, *to_delete)
-                pipe.execute()
-            elif to_set:
-                self.redis.hset(key, mapping=to_set)
-            elif to_delete:
-                self.redis.hdel(key, *to_delete)
+            self._merge(keys=[customer_key(customer_id)], args=[len(to_set), *pairs, *to_delete])
         except rx.ResponseError as error:
             if "WRONGTYPE" in str(error):
                 raise NotACustomer(customer_id) from None

@@ -197,3 +197,11 @@ def test_a_walk_interrupted_by_a_failover_resumes_without_duplicates(failover_cl
 def test_streaming_keeps_integers_beyond_64_bits(client):
     client.put("/customers/1", json={"big": 10**30, "small": -(2**70)})
     assert client.get("/customers").get_json() == [{"id": "1", "big": 10**30, "small": -(2**70)}]
+
+
+def test_a_put_of_thousands_of_fields_sets_and_removes_them_all(client):
+    fields = {f"f{n}": n for n in range(2500)}
+    assert client.put("/customers/1", json=fields).status_code == 204
+    assert client.put("/customers/1", json={name: None for name in fields} | {"x": 1}).status_code == 204
+    assert client.get("/customers/1").get_json() == {"id": "1", "x": 1}
+    assert client.get("/customers?limit=5").get_json() == [{"id": "1", "x": 1}]
