@@ -1,24 +1,8 @@
-"""Serve the app with gunicorn's threaded workers."""
+"""Serve the app with granian: HTTP in Rust, the WSGI app on a few Python threads per worker."""
 
-from gunicorn.app.base import BaseApplication
-
-
-class Server(BaseApplication):
-    """Gunicorn, configured from our settings rather than its command line."""
-
-    def __init__(self, factory, options: dict):
-        self.factory = factory
-        self.options = options
-        super().__init__()
-
-    def load_config(self):
-        """Apply the options to gunicorn's settings."""
-        for name, value in self.options.items():
-            self.cfg.set(name, value)
-
-    def load(self):
-        """Build the app inside each worker, after the fork, so each has its own connections."""
-        return self.factory()
+from granian.constants import Interfaces
+from granian.log import LogLevels
+from granian.server import Server
 
 
 def pool_size(config) -> int:
@@ -28,13 +12,17 @@ def pool_size(config) -> int:
 
 def serve(factory, config) -> None:
     """Serve the app built by factory until SIGTERM or SIGINT, then drain and return."""
-    Server(factory, {
-        "bind": f"{config.host}:{config.port}",
-        "workers": config.workers,
-        "threads": config.threads,
-        "worker_class": "gthread",
-        "graceful_timeout": 20,
-        "timeout": 60,
-        "loglevel": config.log_level.lower(),
-        "control_socket_disable": True,
-    }).run()
+    server = Server(
+        "customers",
+        address=config.host,
+        port=config.port,
+        interface=Interfaces.WSGI,
+        workers=config.workers,
+        blocking_threads=config.threads,
+        # Requests past this wait in the socket rather than on the interpreter.
+        backpressure=config.threads,
+        log_level=LogLevels(config.log_level.lower()),
+        workers_kill_timeout=20,
+    )
+    # Each worker process builds its own app (and Redis connections) once started.
+    server.serve(target_loader=lambda _target: factory())
