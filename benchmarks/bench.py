@@ -23,9 +23,10 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
 
-from embedded import find_redis_server, free_port  # noqa: E402
 from local_cluster import LocalCluster  # noqa: E402
 from service_process import ServiceProcess  # noqa: E402
+
+from embedded import find_redis_server, free_port  # noqa: E402
 
 FIELDS = {"name": "Joe", "lastName": "Doe", "email": "joe@example.com", "phone": "+1 555 0100",
           "balance": "1000", "_type:balance": "int"}
@@ -75,8 +76,8 @@ def wrk(url: str, mode: str, ids: int, seconds: int, connections: int) -> dict:
 class PeakRss:
     """Sample the summed RSS of a process and its children until stopped."""
 
-    def __init__(self, pid: int):
-        self.process = psutil.Process(pid)
+    def __init__(self, pid: int | None):
+        self.process = psutil.Process(pid) if pid else None
         self.peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -84,23 +85,26 @@ class PeakRss:
     def _run(self):
         while not self._stop.wait(0.02):
             try:
-                total = sum(p.memory_info().rss for p in [self.process, *self.process.children(True)])
+                processes = [self.process, *self.process.children(recursive=True)]
+                total = sum(process.memory_info().rss for process in processes)
             except psutil.Error:
                 continue
             self.peak = max(self.peak, total)
 
     def __enter__(self):
-        self._thread.start()
+        if self.process:
+            self._thread.start()
         return self
 
     def __exit__(self, *exc):
         self._stop.set()
-        self._thread.join()
+        if self.process:
+            self._thread.join()
 
 
 def list_all(url: str, expected: int, pid: int | None = None, exact: bool = True) -> dict:
     """GET the whole list; return its seconds, first-byte seconds and the server's peak RSS."""
-    with PeakRss(pid) if pid else _nothing() as rss:
+    with PeakRss(pid) as rss:
         started = time.perf_counter()
         with urllib.request.urlopen(url + "/customers", timeout=600) as response:
             response.read(1)
@@ -113,16 +117,6 @@ def list_all(url: str, expected: int, pid: int | None = None, exact: bool = True
         raise RuntimeError(f"{url} listed {count} customers, expected {expected}")
     return {"seconds": seconds, "first_byte_seconds": first_byte, "listed": count,
             "peak_rss_mb": rss.peak / 2**20 if pid else None}
-
-
-class _nothing:
-    peak = 0
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        pass
 
 
 def median_list(url: str, expected: int, runs: int = 3) -> dict:

@@ -33,11 +33,15 @@ def find_redis_server(explicit: str | None = None) -> str:
     return found
 
 
-def free_port() -> int:
-    """Return a loopback TCP port that nothing listens on now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def free_port(highest: int = 65535) -> int:
+    """Return a loopback TCP port, at most highest, that nothing listens on now."""
+    for _ in range(100):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port <= highest:
+            return port
+    raise OSError(f"no free loopback port at most {highest}")
 
 
 class EmbeddedRedis:
@@ -46,7 +50,7 @@ class EmbeddedRedis:
     def __init__(self, data_dir: str, binary: str, port: int = 0):
         self.data_dir = Path(data_dir).resolve()
         self.binary = binary
-        self.port = port or self._remembered_port() or free_port()
+        self.port = port or self._remembered_port() or free_port(65535 - 10000)
         self.process = None
 
     def _remembered_port(self) -> int | None:

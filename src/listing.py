@@ -10,6 +10,8 @@ import logging
 import time
 from array import array
 
+from redis.exceptions import ClusterError
+
 from storage import KEY_PREFIX, UNAVAILABLE, CustomerStore, decode
 
 log = logging.getLogger(__name__)
@@ -40,7 +42,7 @@ def topology(redis) -> tuple[str, list]:
         redis.nodes_manager.initialize()
     nodes = [redis.get_node(node_name=name) for name in names]
     if None in nodes:
-        raise UNAVAILABLE[0](f"the cluster announces primaries it cannot reach: {names}")
+        raise ClusterError(f"the cluster announces primaries it cannot reach: {names}")
     return fingerprint, [redis.get_redis_connection(node) for node in nodes]
 
 
@@ -56,11 +58,11 @@ def _slot_layout(redis) -> list:
         # A node that never learnt its own address (a one-node cluster) announces no host.
         return [(start, end, primary[0] or node.host, primary[1])
                 for start, end, primary, *_ in reply]
-    raise failure or UNAVAILABLE[0]("no node of the cluster is known")
+    raise failure or ClusterError("no node of the cluster is known")
 
 
 def fetch(node, keys) -> list:
-    """Read whole customers from one node in one pipeline; keys gone or retyped since are skipped."""
+    """Read whole customers from one node in one pipeline, skipping keys gone or retyped."""
     if not keys:
         return []
     pipe = node.pipeline(transaction=False)
@@ -145,9 +147,9 @@ def page(store: CustomerStore, limit: int, token: str | None) -> tuple[list, str
             index += cursor == 0
         taken.update(keys)
         customers += fetch(node, keys)
-    more = index < len(nodes)
-    return customers, encode_cursor([fingerprint, index, cursor, after, sent_digest]) if more \
-        else None
+    if index == len(nodes):
+        return customers, None
+    return customers, encode_cursor([fingerprint, index, cursor, after, sent_digest])
 
 
 class SeenKeys:

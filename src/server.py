@@ -192,8 +192,8 @@ def main() -> int:
 
     try:
         with database(config) as db_config:
-            serving.serve(lambda: create_app(db_config, connect(db_config, serving.pool_size(config))),
-                          config)
+            pool = serving.pool_size(config)
+            serving.serve(lambda: create_app(db_config, connect(db_config, pool)), config)
     except EmbeddedError as error:
         print(f"cannot start the embedded database: {error}", file=sys.stderr)
         return 1
