@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: help run test bench lint clean
+.PHONY: help run test bench fuzz lint clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -23,6 +23,11 @@ test: $(INSTALLED) ## Run every test, the real-cluster ones included
 bench: $(INSTALLED) ## Benchmark against the original's design (about 5 minutes; installs wrk)
 	command -v wrk >/dev/null || apt-get install -y wrk || (apt-get update && apt-get install -y wrk)
 	$(BIN)/python benchmarks/bench.py
+
+fuzz: $(INSTALLED) ## Fuzz a running service longer: make fuzz [URL=...] [TOKEN=...] [EXAMPLES=500]
+	$(BIN)/schemathesis --config-file tests/schemathesis.toml run src/openapi.json \
+		--url $(or $(URL),http://127.0.0.1:8080) --max-examples $(or $(EXAMPLES),500) \
+		$(if $(TOKEN),--header "Authorization: Bearer $(TOKEN)")
 
 clean: ## Remove the virtual environment (data/ is kept)
 	rm -rf $(VENV)

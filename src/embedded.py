@@ -1,9 +1,13 @@
 """Run a durable single-node Redis Cluster beside the service when no database is configured."""
 
+import ctypes
 import logging
+import random
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -33,15 +37,35 @@ def find_redis_server(explicit: str | None = None) -> str:
     return found
 
 
-def free_port(highest: int = 65535) -> int:
-    """Return a loopback TCP port, at most highest, that nothing listens on now."""
-    for _ in range(100):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        if port <= highest:
+def free_port() -> int:
+    """Return a loopback TCP port that nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def port_free(port: int) -> bool:
+    """Tell whether a loopback TCP port can be listened on now."""
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_cluster_port(taken=()) -> int:
+    """Return a free port whose cluster bus port (the port + 10000) is free too."""
+    while True:
+        port = random.randint(20000, 45000)
+        if port not in taken and port_free(port) and port_free(port + 10000):
             return port
-    raise OSError(f"no free loopback port at most {highest}")
+
+
+def _stop_with_parent():
+    """Ask Linux to SIGTERM the child when the service dies, even by kill -9."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1 is PR_SET_PDEATHSIG
 
 
 class EmbeddedRedis:
@@ -50,7 +74,7 @@ class EmbeddedRedis:
     def __init__(self, data_dir: str, binary: str, port: int = 0):
         self.data_dir = Path(data_dir).resolve()
         self.binary = binary
-        self.port = port or self._remembered_port() or free_port(65535 - 10000)
+        self.port = port or self._remembered_port() or free_cluster_port()
         self.process = None
 
     def _remembered_port(self) -> int | None:
@@ -59,12 +83,7 @@ class EmbeddedRedis:
             port = int((self.data_dir / "port").read_text())
         except (OSError, ValueError):
             return None
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                return None
-        return port
+        return port if port_free(port) and port_free(port + 10000) else None
 
     def start(self, timeout: float = 20.0) -> tuple[str, int]:
         """Start redis-server, give it every slot if it is new, and wait until the cluster is ok."""
@@ -84,8 +103,9 @@ class EmbeddedRedis:
             "appendfsync always\n"
             'save ""\n'
         )
-        self.process = subprocess.Popen([self.binary, str(config)], stdin=subprocess.DEVNULL,
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.process = subprocess.Popen(
+            [self.binary, str(config)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, preexec_fn=_stop_with_parent)
         client = redis.Redis(port=self.port, socket_timeout=2, decode_responses=True)
         deadline = time.monotonic() + timeout
         try:
@@ -103,13 +123,20 @@ class EmbeddedRedis:
     def _wait(self, client, deadline):
         while True:
             if self.process.poll() is not None:
-                raise EmbeddedError(f"redis-server exited at start; see {self.data_dir}/redis.log")
+                raise EmbeddedError(f"redis-server exited at start: {self._last_log_line()}")
             try:
                 client.ping()
                 return
             except (redis.BusyLoadingError, redis.ConnectionError):
                 pass
             self._check_time(deadline)
+
+    def _last_log_line(self) -> str:
+        try:
+            lines = (self.data_dir / "redis.log").read_text(errors="replace").splitlines()
+        except OSError:
+            lines = []
+        return lines[-1] if lines else f"no log in {self.data_dir}"
 
     def _check_time(self, deadline):
         if time.monotonic() > deadline:

@@ -11,13 +11,17 @@ from dotenv import find_dotenv, load_dotenv
 from flask import Flask, Response, request, url_for
 from flask_restful import Api, Resource
 
+import access
+import api_contract
 import errors
 import listing
+import preconditions
+import request_log
 import validation
 from database import connect
 from embedded import EmbeddedError, EmbeddedRedis, find_redis_server
 from settings import Config, ConfigError, load_config
-from storage import CustomerStore, NotACustomer
+from storage import CustomerStore, NotACustomer, NothingLeft, PreconditionFailed
 
 log = logging.getLogger("customers")
 STREAM_CHUNK_BYTES = 64 * 1024
@@ -86,6 +90,11 @@ def stream_json_array(items) -> Response:
     return Response(chunks(), mimetype="application/json")
 
 
+def stale(customer_id: str):
+    """Stop with 412: the customer is not in the version If-Match or If-None-Match asked for."""
+    errors.fail(412, f"customer {customer_id} is not in the version the request's condition names")
+
+
 class Customers(Resource):
     """The collection of customers: list them all, or create one."""
 
@@ -118,33 +127,60 @@ class Customers(Resource):
 
 
 class Customers_ID(Resource):  # noqa: N801 - the name of the original design
-    """One customer: read, create or update, delete."""
+    """One customer: read, create or update, patch, delete; writes may be conditional."""
 
     def __init__(self, store: CustomerStore):
         self.store = store
 
     def get(self, customer_id):
-        """Return one customer."""
+        """Return one customer with its ETag, or 304 when If-None-Match names it."""
         validation.check_id(customer_id)
         customer = self.store.get(customer_id)
         if customer is None:
             errors.fail(404, f"customer {customer_id} does not exist")
-        return customer
+        return preconditions.tagged(customer)
 
     def put(self, customer_id):
         """Merge the given fields into a customer, creating it if absent; null removes a field."""
         validation.check_id(customer_id)
         fields = validation.read_fields(customer_id)
+        condition = preconditions.write_condition()
         try:
-            self.store.merge(customer_id, fields)
+            if condition:
+                self.store.merge_if(customer_id, fields, condition)
+            else:
+                self.store.merge(customer_id, fields)
         except NotACustomer:
             errors.fail(409, f"key of customer {customer_id} holds something that is not a customer")
+        except PreconditionFailed:
+            stale(customer_id)
         return no_content()
 
-    def delete(self, customer_id):
-        """Delete a customer; deleting one that does not exist succeeds too."""
+    def patch(self, customer_id):
+        """Apply a JSON merge patch to an existing customer and return it with its ETag."""
         validation.check_id(customer_id)
-        self.store.delete(customer_id)
+        fields = validation.read_merge_patch(customer_id)
+        try:
+            customer = self.store.patch(customer_id, fields, preconditions.write_condition())
+        except PreconditionFailed:
+            stale(customer_id)
+        except NothingLeft:
+            errors.fail(422, "the patch would remove every field; DELETE the customer instead")
+        if customer is None:
+            errors.fail(404, f"customer {customer_id} does not exist")
+        return preconditions.tagged(customer)
+
+    def delete(self, customer_id):
+        """Delete a customer; deleting one that does not exist succeeds too (unless If-Match)."""
+        validation.check_id(customer_id)
+        condition = preconditions.write_condition()
+        if condition is None:
+            self.store.delete(customer_id)
+            return no_content()
+        try:
+            self.store.delete_if(customer_id, condition)
+        except PreconditionFailed:
+            stale(customer_id)
         return no_content()
 
 
@@ -153,12 +189,15 @@ def create_app(config: Config, redis_client) -> Flask:
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     errors.register(app)
+    request_log.install(app)
+    access.require_tokens(app, config.api_tokens)
     store = CustomerStore(redis_client)
     api = JsonApi(app)
     resources = {"store": store}
     api.add_resource(Customers, "/customers", resource_class_kwargs=resources)
     api.add_resource(Customers_ID, "/customers/<customer_id>", endpoint="customer",
                      resource_class_kwargs=resources)
+    api_contract.install(app)
     return app
 
 
@@ -186,8 +225,8 @@ def main() -> int:
     except ConfigError as error:
         print(f"configuration error: {error}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=config.log_level,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    request_log.configure(config.log_level, config.log_format)
+    access.warn_if_open(config)
     import serving
 
     try:

@@ -1,8 +1,26 @@
-"""Serve the app with granian: HTTP in Rust, the WSGI app on a few Python threads per worker."""
+"""Serve the app with gunicorn's threaded workers."""
 
-from granian.constants import Interfaces
-from granian.log import LogLevels
-from granian.server import Server
+from gunicorn.app.base import BaseApplication
+
+import request_log
+
+
+class Server(BaseApplication):
+    """Gunicorn, configured from our settings rather than its command line."""
+
+    def __init__(self, factory, options: dict):
+        self.factory = factory
+        self.options = options
+        super().__init__()
+
+    def load_config(self):
+        """Apply the options to gunicorn's settings."""
+        for name, value in self.options.items():
+            self.cfg.set(name, value)
+
+    def load(self):
+        """Build the app inside each worker, after the fork, so each has its own connections."""
+        return self.factory()
 
 
 def pool_size(config) -> int:
@@ -12,17 +30,14 @@ def pool_size(config) -> int:
 
 def serve(factory, config) -> None:
     """Serve the app built by factory until SIGTERM or SIGINT, then drain and return."""
-    server = Server(
-        "customers",
-        address=config.host,
-        port=config.port,
-        interface=Interfaces.WSGI,
-        workers=config.workers,
-        blocking_threads=config.threads,
-        # Requests past this wait in the socket rather than on the interpreter.
-        backpressure=config.threads,
-        log_level=LogLevels(config.log_level.lower()),
-        workers_kill_timeout=20,
-    )
-    # Each worker process builds its own app (and Redis connections) once started.
-    server.serve(target_loader=lambda _target: factory())
+    Server(factory, {
+        "bind": f"{config.host}:{config.port}",
+        "workers": config.workers,
+        "threads": config.threads,
+        "worker_class": "gthread",
+        "graceful_timeout": 20,
+        "timeout": 60,
+        "loglevel": config.log_level.lower(),
+        "control_socket_disable": True,
+        **request_log.gunicorn_settings(config.log_level, config.log_format),
+    }).run()

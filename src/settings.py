@@ -1,10 +1,14 @@
 """Read the service's configuration from the environment, once."""
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# RFC 6750's token68 characters, and enough of them to resist guessing.
+TOKEN_PATTERN = re.compile(r"[A-Za-z0-9._~+/-]+=*")
+MIN_TOKEN_LENGTH = 16
 
 
 class ConfigError(Exception):
@@ -32,6 +36,8 @@ class Config:
     embedded_port: int = 0
     redis_server: str | None = None
     log_level: str = "INFO"
+    log_format: str = "text"
+    api_tokens: tuple[str, ...] = field(default=(), repr=False)
 
     @property
     def embedded(self) -> bool:
@@ -86,6 +92,37 @@ def _flag(env, name, default):
     raise ConfigError(f"{name} must be true or false, got {raw!r}")
 
 
+def _check_tokens(tokens: list, source: str) -> tuple[str, ...]:
+    for number, token in enumerate(tokens, 1):
+        # Never echo a token: name only where it is.
+        if not TOKEN_PATTERN.fullmatch(token):
+            raise ConfigError(f"{source}: token {number} has characters other than "
+                              "letters, digits and - . _ ~ + / (then =)")
+        if len(token) < MIN_TOKEN_LENGTH:
+            raise ConfigError(f"{source}: token {number} is shorter than "
+                              f"{MIN_TOKEN_LENGTH} characters")
+    return tuple(tokens)
+
+
+def _tokens(env) -> tuple[str, ...]:
+    """Read API_TOKENS (comma-separated) and the file named by API_TOKENS_FILE (one a line)."""
+    listed = [token.strip() for token in (_get(env, "API_TOKENS") or "").split(",")]
+    tokens = _check_tokens([token for token in listed if token], "API_TOKENS")
+    path = _get(env, "API_TOKENS_FILE")
+    if path is None:
+        return tokens
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"API_TOKENS_FILE cannot be read: {path}: "
+                          f"{getattr(error, 'strerror', None) or 'not UTF-8 text'}") from None
+    in_file = [line.strip() for line in lines
+               if line.strip() and not line.lstrip().startswith("#")]
+    if not in_file:
+        raise ConfigError(f"API_TOKENS_FILE holds no token: {path}")
+    return tokens + _check_tokens(in_file, "API_TOKENS_FILE")
+
+
 def load_config(env=None) -> Config:
     """Build the configuration from environment variables, or raise ConfigError."""
     env = os.environ if env is None else env
@@ -99,6 +136,9 @@ def load_config(env=None) -> Config:
     log_level = (_get(env, "LOG_LEVEL") or "INFO").upper()
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
+    log_format = (_get(env, "LOG_FORMAT") or Config.log_format).lower()
+    if log_format not in ("text", "json"):
+        raise ConfigError(f"LOG_FORMAT must be text or json, got {log_format!r}")
     return Config(
         host=_get(env, "HOST") or Config.host,
         port=_integer(env, "PORT", Config.port, 1, 65535),
@@ -116,4 +156,6 @@ def load_config(env=None) -> Config:
         embedded_port=_integer(env, "EMBEDDED_PORT", Config.embedded_port, 0, 65535),
         redis_server=redis_server,
         log_level=log_level,
+        log_format=log_format,
+        api_tokens=_tokens(env),
     )

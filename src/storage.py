@@ -1,5 +1,7 @@
 """Keep customers in Redis: one hash per customer, typed values kept as plain text."""
 
+import hashlib
+import json
 import uuid
 
 from redis import exceptions as rx
@@ -7,6 +9,8 @@ from redis import exceptions as rx
 KEY_PREFIX = "customer:"
 # A field "_type:<name>" records the JSON type of a non-string field <name>.
 TYPE_PREFIX = "_type:"
+# A conditional write re-reads and retries when another writer changed the key meanwhile.
+WATCH_ATTEMPTS = 50
 
 # Errors that mean the database cannot answer now, as opposed to a bug in a request.
 UNAVAILABLE = (
@@ -41,6 +45,18 @@ return 1
 
 class NotACustomer(Exception):
     """The key of a customer holds something other than a hash."""
+
+
+class PreconditionFailed(Exception):
+    """The customer is not in the version the caller's condition requires."""
+
+
+class NothingLeft(Exception):
+    """A patch would remove every field, leaving no customer to store."""
+
+
+class Contended(rx.TryAgainError):
+    """Other writers kept changing the customer while a conditional write tried to apply."""
 
 
 def customer_key(customer_id: str) -> str:
@@ -95,6 +111,20 @@ def decode(customer_id: str, raw: dict) -> dict:
     return customer
 
 
+def version(customer: dict) -> str:
+    """Return a fingerprint of a customer's content: equal content, equal version."""
+    canonical = json.dumps(customer, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+def _queue_merge(pipe, key: str, fields: dict) -> None:
+    to_set, to_delete = encode(fields)
+    if to_set:
+        pipe.hset(key, mapping=to_set)
+    if to_delete:
+        pipe.hdel(key, *to_delete)
+
+
 class CustomerStore:
     """Read and write customers in a Redis or Redis Cluster client."""
 
@@ -131,6 +161,69 @@ class CustomerStore:
             if "WRONGTYPE" in str(error):
                 raise NotACustomer(customer_id) from None
             raise
+
+    def _checked_write(self, customer_id: str, write):
+        """Read a customer and queue a write in one WATCH/MULTI step; return EXEC's replies.
+
+        write(pipe, customer or None) queues the commands, or raises to write nothing.
+        """
+        key = customer_key(customer_id)
+        for _ in range(WATCH_ATTEMPTS):
+            with self.redis.pipeline(transaction=True) as pipe:
+                try:
+                    pipe.watch(key)
+                    try:
+                        raw = pipe.hgetall(key)
+                    except rx.ResponseError as error:
+                        if "WRONGTYPE" not in str(error):
+                            raise
+                        raw = {}
+                    pipe.multi()
+                    write(pipe, decode(customer_id, raw) if raw else None)
+                    return pipe.execute()
+                except rx.WatchError:
+                    continue
+                except rx.ResponseError as error:
+                    if "WRONGTYPE" in str(error):
+                        raise NotACustomer(customer_id) from None
+                    raise
+        raise Contended(f"customer {customer_id} kept changing during {WATCH_ATTEMPTS} attempts")
+
+    def merge_if(self, customer_id: str, fields: dict, condition) -> None:
+        """Merge fields into a customer in one atomic step if condition(version or None) holds."""
+        def write(pipe, current):
+            if not condition(version(current) if current else None):
+                raise PreconditionFailed(customer_id)
+            _queue_merge(pipe, customer_key(customer_id), fields)
+
+        self._checked_write(customer_id, write)
+
+    def patch(self, customer_id: str, fields: dict, condition=None) -> dict | None:
+        """Apply a merge patch to an existing customer in one atomic step; None if there is none."""
+        key = customer_key(customer_id)
+
+        def write(pipe, current):
+            if current is None:
+                return
+            if condition and not condition(version(current)):
+                raise PreconditionFailed(customer_id)
+            kept = {name for name, value in {**current, **fields}.items() if value is not None}
+            if kept == {"id"}:
+                raise NothingLeft(customer_id)
+            _queue_merge(pipe, key, fields)
+            pipe.hgetall(key)
+
+        replies = self._checked_write(customer_id, write)
+        return decode(customer_id, replies[-1]) if replies else None
+
+    def delete_if(self, customer_id: str, condition) -> None:
+        """Remove a customer in one atomic step if condition(current version or None) holds."""
+        def write(pipe, current):
+            if not condition(version(current) if current else None):
+                raise PreconditionFailed(customer_id)
+            pipe.delete(customer_key(customer_id))
+
+        self._checked_write(customer_id, write)
 
     def delete(self, customer_id: str) -> None:
         """Remove a customer; removing one that does not exist is not an error."""

@@ -1,6 +1,7 @@
 """Check what clients send before anything is stored."""
 
 import json
+import math
 import re
 
 from flask import request
@@ -10,6 +11,7 @@ from storage import TYPE_PREFIX
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9._~-]{1,128}")
 MAX_FIELD_NAME = 256
+MERGE_PATCH = "application/merge-patch+json"
 
 
 def check_id(customer_id: str) -> None:
@@ -22,16 +24,28 @@ def _no_constants(name):
     raise ValueError(f"{name} is not a JSON number")
 
 
+def _finite(text):
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(f"{text} is too large for a JSON number")
+    return number
+
+
 def read_json_object() -> dict:
     """Return the request's JSON object, or stop with 400, 413 or 415."""
     if not request.is_json:
         fail(415, "send a JSON object with Content-Type: application/json")
     try:
-        body = json.loads(request.get_data(cache=False), parse_constant=_no_constants)
+        body = json.loads(request.get_data(cache=False), parse_constant=_no_constants,
+                          parse_float=_finite)
     except (ValueError, RecursionError):
         fail(400, "the body is not valid JSON")
     if not isinstance(body, dict):
         fail(400, "the body must be a JSON object")
+    try:
+        json.dumps(body, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        fail(400, "the body holds a lone surrogate escape (\\ud800 to \\udfff), which is no text")
     return body
 
 
@@ -51,6 +65,21 @@ def read_fields(customer_id: str | None = None) -> dict:
     _check_id_field(body, customer_id)
     if not body:
         fail(400, "the body must hold at least one field besides id")
+    if customer_id is None and None in body.values():
+        fail(400, "a new customer has no field to remove: send no null values")
+    return _checked_fields(body)
+
+
+def read_merge_patch(customer_id: str) -> dict:
+    """Return the fields of a JSON merge patch (RFC 7396) on a flat customer, or stop with a 4xx."""
+    if request.mimetype != MERGE_PATCH:
+        fail(415, f"send a JSON merge patch with Content-Type: {MERGE_PATCH}")
+    body = read_json_object()
+    _check_id_field(body, customer_id)
+    return _checked_fields(body)
+
+
+def _checked_fields(body: dict) -> dict:
     for name, value in body.items():
         if not name:
             fail(400, "a field name must not be empty")

@@ -1,9 +1,7 @@
 """Start and control real Redis Cluster processes on loopback for tests and benchmarks."""
 
 import os
-import random
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -11,25 +9,16 @@ from pathlib import Path
 
 import redis
 
+from embedded import free_cluster_port
+
 SLOTS = 16384
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 def free_cluster_ports(count: int) -> list[int]:
-    """Return ports whose cluster bus ports (port + 10000) are free too."""
+    """Return distinct ports whose cluster bus ports (port + 10000) are free too."""
     ports = []
     while len(ports) < count:
-        port = random.randint(20000, 45000)
-        if port not in ports and _port_free(port) and _port_free(port + 10000):
-            ports.append(port)
+        ports.append(free_cluster_port(taken=ports))
     return ports
 
 

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -63,3 +64,19 @@ def test_invalid_configuration_is_one_clear_line_and_a_failed_exit(tmp_path, env
     assert result.stderr.startswith("configuration error: ")
     assert words in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_the_embedded_database_stops_cleanly_even_when_the_service_is_killed(tmp_path):
+    env = embedded_env(tmp_path)
+    service = ServiceProcess(env).start()
+    call(service.url + "/customers/1", "PUT", {"name": "Joe"})
+    service.process.kill()
+    service.stop()
+    log = tmp_path / "data" / "redis.log"
+    deadline = time.monotonic() + 15
+    while "ready to exit" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "ready to exit" in log.read_text()
+
+    with ServiceProcess(env) as service:
+        assert call(service.url + "/customers/1")[2] == {"id": "1", "name": "Joe"}

@@ -1,0 +1,78 @@
+"""One log line per request: method, path, status, duration and request id; never bodies."""
+
+import logging
+import re
+import time
+import uuid
+
+from flask import g, request
+from pythonjsonlogger.json import JsonFormatter
+
+log = logging.getLogger("customers.requests")
+HEADER = "X-Request-ID"
+# A client's id is kept when it is short and plain, so that it cannot forge log lines.
+CLIENT_ID = re.compile(r"[A-Za-z0-9._~:+/=-]{1,128}")
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+JSON_FIELDS = "%(asctime)s %(levelname)s %(name)s %(message)s"
+JSON_NAMES = {"levelname": "level", "name": "logger"}
+
+
+def handler(log_format: str, stream=None) -> logging.Handler:
+    """Return a handler writing text lines or JSON objects to the stream (standard error)."""
+    stream_handler = logging.StreamHandler(stream)
+    if log_format == "json":
+        stream_handler.setFormatter(JsonFormatter(JSON_FIELDS, rename_fields=JSON_NAMES))
+    else:
+        stream_handler.setFormatter(logging.Formatter(TEXT_FORMAT))
+    return stream_handler
+
+
+def configure(level: str, log_format: str) -> None:
+    """Send every log record to standard error, as text lines or JSON objects."""
+    logging.basicConfig(level=level, handlers=[handler(log_format)], force=True)
+
+
+def gunicorn_settings(level: str, log_format: str) -> dict:
+    """Return gunicorn settings that make its own lines JSON too when the format is json."""
+    if log_format != "json":
+        return {}
+    return {"logconfig_dict": {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": JsonFormatter, "fmt": JSON_FIELDS,
+                                "rename_fields": JSON_NAMES}},
+        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json",
+                                "stream": "ext://sys.stderr"}},
+        "root": {"level": level, "handlers": ["stderr"]},
+        "loggers": {"gunicorn.error": {"level": level, "handlers": ["stderr"],
+                                       "propagate": False}},
+    }}
+
+
+def _printable(text: str) -> str:
+    """Escape what could break a log line or fake another (newlines, control characters)."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
+def _start():
+    g.started = time.perf_counter()
+    sent = request.headers.get(HEADER, "")
+    g.request_id = sent if CLIENT_ID.fullmatch(sent) else uuid.uuid4().hex
+
+
+def _finish(response):
+    request_id = g.get("request_id") or uuid.uuid4().hex
+    response.headers[HEADER] = request_id
+    milliseconds = (time.perf_counter() - g.get("started", time.perf_counter())) * 1000
+    method, path = _printable(request.method), _printable(request.path)
+    fields = {"method": method, "path": path, "status": response.status_code,
+              "duration_ms": round(milliseconds, 1), "request_id": request_id}
+    log.info("%s %s %s %.1fms id=%s", method, path, response.status_code, milliseconds,
+             request_id, extra=fields)
+    return response
+
+
+def install(app) -> None:
+    """Give every request an id (the client's X-Request-ID if valid), echo it, log the request."""
+    app.before_request_funcs.setdefault(None, []).insert(0, _start)
+    app.after_request(_finish)

@@ -1,0 +1,134 @@
+"""Optional bearer tokens: configured, every request but the health checks needs one."""
+
+import logging
+
+import pytest
+
+from access import warn_if_open
+from server import create_app
+from settings import Config, ConfigError, load_config
+
+TOKENS = ("first-token-0123456789", "second-token-0123456789")
+
+
+@pytest.fixture
+def guarded(redis_client):
+    """A test client of the app with API tokens."""
+    return create_app(Config(api_tokens=TOKENS), redis_client).test_client()
+
+
+def bearer(token):
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.mark.parametrize("headers", [
+    {},
+    {"Authorization": "Basic dXNlcjpwYXNz"},
+    {"Authorization": "Bearer"},
+    {"Authorization": "first-token-0123456789"},
+])
+def test_a_request_without_a_bearer_token_is_401_with_a_challenge(guarded, headers):
+    for method, path in (("get", "/customers"), ("get", "/customers/1"), ("post", "/customers"),
+                         ("delete", "/customers/1"), ("get", "/openapi.json"),
+                         ("get", "/nowhere")):
+        response = getattr(guarded, method)(path, headers=headers)
+        assert response.status_code == 401
+        assert response.get_json() == {"message": 'send "Authorization: Bearer <token>"'}
+        assert response.headers["WWW-Authenticate"] == "Bearer realm=customers"
+
+
+def test_a_wrong_token_is_401_invalid_token_and_stores_nothing(guarded, stored_keys):
+    for token in ("first-token-012345678", "first-token-01234567890", TOKENS[0].upper(), "é"):
+        response = guarded.put("/customers/1", json={"name": "x"}, headers=bearer(token))
+        assert response.status_code == 401
+        assert response.get_json() == {"message": "the bearer token is not valid"}
+        assert response.headers["WWW-Authenticate"] == "Bearer realm=customers, error=invalid_token"
+    assert stored_keys() == []
+
+
+def test_every_configured_token_opens_every_route(guarded):
+    for token in TOKENS:
+        assert guarded.put("/customers/1", json={"name": "Joe"},
+                           headers=bearer(token)).status_code == 204
+        assert guarded.get("/customers/1", headers=bearer(token)).get_json() == {
+            "id": "1", "name": "Joe"}
+        assert guarded.get("/openapi.json", headers=bearer(token)).status_code == 200
+    assert guarded.get("/nowhere", headers=bearer(TOKENS[0])).status_code == 404
+
+
+def test_only_the_exact_health_paths_are_open(guarded):
+    for path in ("/healthz", "/readyz"):
+        assert guarded.get(path).status_code != 401
+    for path in ("/healthz/", "/readyz/x", "/healthzz", "/HEALTHZ"):
+        assert guarded.get(path).status_code == 401
+
+
+def test_tokens_never_reach_the_log(guarded, caplog):
+    caplog.set_level(logging.DEBUG)
+    guarded.get("/customers", headers=bearer(TOKENS[1]))
+    guarded.get("/customers", headers=bearer("wrong-token-0123456789"))
+    logged = caplog.text + "".join(str(record.__dict__) for record in caplog.records)
+    assert "/customers" in logged
+    assert TOKENS[1] not in logged
+    assert "wrong-token" not in logged
+
+
+def test_tokens_come_from_api_tokens_and_the_tokens_file(tmp_path):
+    path = tmp_path / "tokens"
+    path.write_text("# rotated monthly\nfile-token-0123456789\n\n  other-file-token-0123  \n")
+    config = load_config({"API_TOKENS": f" {TOKENS[0]} ,{TOKENS[1]},",
+                          "API_TOKENS_FILE": str(path)})
+    assert config.api_tokens == (*TOKENS, "file-token-0123456789", "other-file-token-0123")
+    assert "token" not in repr(config)
+    assert load_config({}).api_tokens == ()
+
+
+@pytest.mark.parametrize(("env", "file_text", "words"), [
+    ({"API_TOKENS_FILE": "missing"}, None, "API_TOKENS_FILE cannot be read"),
+    ({}, "", "API_TOKENS_FILE holds no token"),
+    ({}, "# only a comment\n\n", "API_TOKENS_FILE holds no token"),
+    ({}, "short\n", "token 1 is shorter than 16"),
+    ({"API_TOKENS": "good-token-0123456789,with space 0123456789"}, None, "token 2 has"),
+    ({"API_TOKENS": "too-short"}, None, "API_TOKENS: token 1 is shorter"),
+])
+def test_unusable_tokens_are_a_clear_config_error_that_never_shows_them(tmp_path, env,
+                                                                       file_text, words):
+    if file_text is not None:
+        (tmp_path / "tokens").write_text(file_text)
+        env = {**env, "API_TOKENS_FILE": str(tmp_path / "tokens")}
+    elif "API_TOKENS_FILE" in env:
+        env = {**env, "API_TOKENS_FILE": str(tmp_path / env["API_TOKENS_FILE"])}
+    with pytest.raises(ConfigError, match=words) as raised:
+        load_config(env)
+    assert "0123456789" not in str(raised.value)
+    assert "short" not in str(raised.value).replace("shorter", "")
+
+
+def test_a_tokens_file_that_is_not_text_is_a_config_error(tmp_path):
+    (tmp_path / "tokens").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(ConfigError, match="cannot be read"):
+        load_config({"API_TOKENS_FILE": str(tmp_path / "tokens")})
+
+
+@pytest.mark.parametrize(("host", "tokens", "warns"), [
+    ("0.0.0.0", (), True),
+    ("10.1.2.3", (), True),
+    ("::", (), True),
+    ("0.0.0.0", TOKENS, False),
+    ("127.0.0.1", (), False),
+    ("127.0.0.2", (), False),
+    ("localhost", (), False),
+    ("::1", (), False),
+])
+def test_listening_beyond_loopback_without_tokens_warns_at_start(caplog, host, tokens, warns):
+    caplog.set_level(logging.WARNING)
+    warn_if_open(Config(host=host, api_tokens=tokens))
+    assert ("without API_TOKENS" in caplog.text) == warns
+
+
+def test_a_base64_token_with_padding_works(redis_client):
+    token = "Zm9vYmFy/base64+token=="
+    client = create_app(Config(api_tokens=load_config({"API_TOKENS": token}).api_tokens),
+                        redis_client).test_client()
+    assert client.get("/customers", headers=bearer(token)).status_code == 200
+    assert client.get("/customers", headers=bearer(token[:-1])).status_code == 401

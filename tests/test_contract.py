@@ -1,0 +1,82 @@
+"""The OpenAPI document is valid, describes every route, and is served at /openapi.json."""
+
+import json
+import re
+
+import pytest
+from openapi_spec_validator import validate
+
+from api_contract import DOCUMENT
+
+AUTOMATIC_METHODS = {"HEAD", "OPTIONS"}
+
+
+def document() -> dict:
+    """The OpenAPI document kept in the repository."""
+    return json.loads(DOCUMENT.read_text())
+
+
+def registered_operations(app) -> set:
+    """Return (OpenAPI path, lower-case method) for every route of the app."""
+    operations = set()
+    for rule in app.url_map.iter_rules():
+        if rule.endpoint == "static":
+            continue
+        path = re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", r"{\1}", rule.rule)
+        operations |= {(path, method.lower()) for method in rule.methods - AUTOMATIC_METHODS}
+    return operations
+
+
+def documented_operations() -> set:
+    """Return (path, method) for every operation of the document."""
+    return {(path, method) for path, item in document()["paths"].items()
+            for method in item if method != "parameters"}
+
+
+def test_the_document_is_a_valid_openapi_3_1_document():
+    spec = document()
+    validate(spec)
+    assert spec["openapi"].startswith("3.1.")
+
+
+def test_every_route_of_the_app_is_in_the_document(app):
+    operations = registered_operations(app)
+    assert ("/customers/{customer_id}", "patch") in operations
+    assert operations <= documented_operations()
+
+
+def test_every_error_answer_in_the_document_has_the_one_error_shape():
+    spec = document()
+    for name, response in spec["components"]["responses"].items():
+        schema = response["content"]["application/json"]["schema"]
+        assert schema == {"$ref": "#/components/schemas/Error"}, name
+    for path, item in spec["paths"].items():
+        for method, operation in item.items():
+            if method == "parameters":
+                continue
+            for status, response in operation["responses"].items():
+                if status.startswith(("4", "5")):
+                    resolved = spec["components"]["responses"].get(
+                        response.get("$ref", "").rsplit("/", 1)[-1], response)
+                    assert resolved["content"]["application/json"]["schema"] == {
+                        "$ref": "#/components/schemas/Error"}, (path, method, status)
+
+
+def test_the_document_is_served_at_openapi_json(client):
+    response = client.get("/openapi.json")
+    assert response.status_code == 200
+    assert response.content_type == "application/json"
+    assert response.get_json() == document()
+
+
+@pytest.mark.parametrize(("body", "words"), [
+    ('{"a": 1e400}', "not valid JSON"),
+    ('{"a": "\\ud800"}', "lone surrogate"),
+    ('{"\\udfff": 1}', "lone surrogate"),
+    ('{"a": null}', "no null values"),
+])
+def test_inputs_that_cannot_be_stored_as_sent_are_400(client, stored_keys, body, words):
+    response = client.post("/customers", data=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400
+    assert words in response.get_json()["message"]
+    assert stored_keys() == []
