@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: help run test fuzz cluster reliability lint clean
+.PHONY: help run test bench fuzz cluster reliability lint clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -30,6 +30,10 @@ reliability: $(INSTALLED) ## Run the fault tests and print a table per fault
 	RELIABILITY_REPORT=$(VENV)/reliability.md $(BIN)/python -m pytest -q \
 		tests/test_faults.py tests/test_embedded_faults.py; \
 		status=$$?; echo; cat $(VENV)/reliability.md; exit $$status
+
+bench: $(INSTALLED) ## Benchmark against the original's design (about 5 minutes; installs wrk)
+	command -v wrk >/dev/null || apt-get install -y wrk || (apt-get update && apt-get install -y wrk)
+	$(BIN)/python benchmarks/bench.py
 
 fuzz: $(INSTALLED) ## Fuzz a running service longer: make fuzz [URL=...] [TOKEN=...] [EXAMPLES=500]
 	$(BIN)/schemathesis --config-file tests/schemathesis.toml run src/openapi.json \

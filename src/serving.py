@@ -23,6 +23,11 @@ class Server(BaseApplication):
         return self.factory()
 
 
+def pool_size(config) -> int:
+    """Return the Redis connections per node a worker needs: one per thread, and spare ones."""
+    return config.threads + 4
+
+
 def serve(factory, config) -> None:
     """Serve the app built by factory until SIGTERM or SIGINT, then drain and return."""
     Server(factory, {

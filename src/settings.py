@@ -21,8 +21,9 @@ class Config:
 
     host: str = "127.0.0.1"
     port: int = 8080
-    workers: int = 2
-    threads: int = 16
+    # One worker process per core; a few threads each overlap the waits on Redis.
+    workers: int = field(default_factory=lambda: min(os.cpu_count() or 1, 16))
+    threads: int = 8
     db_host: str | None = None
     db_port: int = 6379
     db_username: str | None = None
@@ -144,7 +145,7 @@ def load_config(env=None) -> Config:
     return Config(
         host=_get(env, "HOST") or Config.host,
         port=_integer(env, "PORT", Config.port, 1, 65535),
-        workers=_integer(env, "WORKERS", Config.workers, 1, 64),
+        workers=_integer(env, "WORKERS", Config().workers, 1, 64),
         threads=_integer(env, "THREADS", Config.threads, 1, 256),
         db_host=db_host,
         db_port=_integer(env, "DBPORT", Config.db_port, 1, 65535, "DB_PORT"),

@@ -11,7 +11,6 @@ from database import ReplicasBehind, Retrying, retried, write_and_wait
 KEY_PREFIX = "customer:"
 # A field "_type:<name>" records the JSON type of a non-string field <name>.
 TYPE_PREFIX = "_type:"
-SCAN_COUNT = 1000
 # A conditional write re-reads and retries when another writer changed the key meanwhile.
 WATCH_ATTEMPTS = 50
 
@@ -31,6 +30,21 @@ UNAVAILABLE = (
     rx.AskError,  # MOVED or ASK still, after retries: the slots are moving
     ReplicasBehind,
 )
+
+
+# HSET then HDEL on one key as one atomic step, in one round trip (a MULTI/EXEC pipeline
+# measured twice as slow). ARGV: the number of fields to set, their name/value pairs, then
+# the fields to delete; unpack() takes at most a few thousand values at a time.
+MERGE_SCRIPT = """
+local set_end = tonumber(ARGV[1]) * 2 + 1
+for first = 2, set_end, 1000 do
+  redis.call('HSET', KEYS[1], unpack(ARGV, first, math.min(first + 999, set_end)))
+end
+for first = set_end + 1, #ARGV, 1000 do
+  redis.call('HDEL', KEYS[1], unpack(ARGV, first, math.min(first + 999, #ARGV)))
+end
+return 1
+"""
 
 
 class NotACustomer(Exception):
@@ -107,12 +121,20 @@ def version(customer: dict) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
-def _queue_merge(pipe, key: str, fields: dict) -> None:
+def merge_commands(key: str, fields: dict) -> list:
+    """Return the HSET and HDEL commands that merge fields into a customer's hash."""
     to_set, to_delete = encode(fields)
+    commands = []
     if to_set:
-        pipe.hset(key, mapping=to_set)
+        commands.append(("HSET", key, *(part for pair in to_set.items() for part in pair)))
     if to_delete:
-        pipe.hdel(key, *to_delete)
+        commands.append(("HDEL", key, *to_delete))
+    return commands
+
+
+def _queue_merge(pipe, key: str, fields: dict) -> None:
+    for command in merge_commands(key, fields):
+        pipe.execute_command(*command)
 
 
 class CustomerStore:
@@ -124,6 +146,7 @@ class CustomerStore:
         self.retrying = Retrying(redis, retry_seconds)
         self.wait_replicas = wait_replicas
         self.wait_timeout = wait_timeout
+        self._merge = None
 
     def _write(self, key: str, commands: list) -> None:
         """Apply write commands on one key atomically, then WAIT for replicas if configured."""
@@ -161,16 +184,15 @@ class CustomerStore:
     def merge(self, customer_id: str, fields: dict) -> None:
         """Set the given fields of a customer, removing those given as None."""
         key = customer_key(customer_id)
-        to_set, to_delete = encode(fields)
-        commands = []
-        if to_set:
-            commands.append(("HSET", key, *(item for pair in to_set.items() for item in pair)))
-        if to_delete:
-            commands.append(("HDEL", key, *to_delete))
-        if not commands:
-            return
         try:
-            self._write(key, commands)
+            if self.wait_replicas:
+                self._write(key, merge_commands(key, fields))
+            else:
+                to_set, to_delete = encode(fields)
+                if self._merge is None:
+                    self._merge = self.redis.register_script(MERGE_SCRIPT)
+                pairs = [part for item in to_set.items() for part in item]
+                self._merge(keys=[key], args=[len(to_set), *pairs, *to_delete])
         except rx.ResponseError as error:
             if "WRONGTYPE" in str(error):
                 raise NotACustomer(customer_id) from None
@@ -255,35 +277,3 @@ class CustomerStore:
             primaries = self.redis.get_primaries()
             return [self.redis.get_redis_connection(node) for node in primaries]
         return [self.redis]
-
-    def scan_node(self, node, seen: set):
-        """Yield every customer on one node, fetched in pipelined batches."""
-        cursor = None
-        while cursor != 0:
-            cursor, keys = node.scan(cursor or 0, match=KEY_PREFIX + "*", count=SCAN_COUNT,
-                                     _type="hash")
-            fresh = [key for key in keys if key not in seen]
-            seen.update(fresh)
-            yield from self._fetch(node, fresh)
-
-    def _fetch(self, node, keys: list):
-        if not keys:
-            return
-        pipe = node.pipeline(transaction=False)
-        for key in keys:
-            pipe.hgetall(key)
-        for key, raw in zip(keys, pipe.execute(raise_on_error=False), strict=True):
-            if isinstance(raw, rx.AskError):
-                # MOVED or ASK: a resharding moved the key; the cluster client follows it.
-                raw = self.redis.hgetall(key)
-            if isinstance(raw, Exception) and "WRONGTYPE" not in str(raw):
-                raise raw
-            # A key deleted or retyped since SCAN saw it is not a customer any more.
-            if isinstance(raw, dict) and raw:
-                yield decode(key[len(KEY_PREFIX):], raw)
-
-    def list(self):
-        """Yield every customer in the database once."""
-        seen = set()
-        for node in self.nodes():
-            yield from self.scan_node(node, seen)

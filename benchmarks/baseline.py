@@ -1,0 +1,63 @@
+"""The original example's algorithm and serving, rebuilt as the benchmark's baseline.
+
+Flask's development server, a RedisCluster client, SCAN plus one HGETALL round trip per
+customer into one list, and the request and response bodies printed on every request.
+"""
+
+import os
+import sys
+import uuid
+
+from flask import Flask, request
+from flask_restful import Api, Resource
+from redis.cluster import RedisCluster
+
+redis = RedisCluster(host=os.environ["DBHOST"], port=int(os.environ["DBPORT"]),
+                     decode_responses=True)
+app = Flask(__name__)
+api = Api(app)
+
+
+class Customers(Resource):
+    def get(self):
+        customers = []
+        for key in redis.scan_iter("customer:*"):
+            customer = redis.hgetall(key)
+            customer["id"] = key.split(":", 1)[1]
+            customers.append(customer)
+        print(customers)
+        return customers
+
+    def post(self):
+        customer = request.get_json()
+        print(customer)
+        customer_id = str(uuid.uuid4())
+        redis.hset("customer:" + customer_id, mapping=customer)
+        customer["id"] = customer_id
+        print(customer)
+        return customer, 201
+
+
+class Customers_ID(Resource):  # noqa: N801 - the original's name
+    def get(self, customer_id):
+        customer = redis.hgetall("customer:" + customer_id)
+        customer["id"] = customer_id
+        print(customer)
+        return customer
+
+    def put(self, customer_id):
+        customer = request.get_json()
+        print(customer)
+        redis.hset("customer:" + customer_id, mapping=customer)
+        return "", 204
+
+    def delete(self, customer_id):
+        redis.delete("customer:" + customer_id)
+        return "", 204
+
+
+api.add_resource(Customers, "/customers")
+api.add_resource(Customers_ID, "/customers/<customer_id>")
+
+if __name__ == "__main__":
+    app.run(host="127.0.0.1", port=int(sys.argv[1]))

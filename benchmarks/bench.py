@@ -1,0 +1,236 @@
+"""Benchmark the service against the original's algorithm and serving, in one run.
+
+Starts a local 3-primary Redis Cluster (AOF with appendfsync everysec, not always: the
+figures are about the service, not the disk), loads customers, then measures both services
+with wrk from a separate process, the same connections and duration for both.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
+
+from local_cluster import LocalCluster  # noqa: E402
+from service_process import ServiceProcess  # noqa: E402
+
+from embedded import find_redis_server, free_port  # noqa: E402
+
+FIELDS = {"name": "Joe", "lastName": "Doe", "email": "joe@example.com", "phone": "+1 555 0100",
+          "balance": "1000", "_type:balance": "int"}
+
+
+def load(cluster_client, start: int, stop: int) -> None:
+    """Store customers bench<start> .. bench<stop - 1>, in pipelines."""
+    for first in range(start, stop, 20000):
+        pipe = cluster_client.pipeline(transaction=False)
+        for n in range(first, min(first + 20000, stop)):
+            pipe.hset(f"customer:bench{n}", mapping=FIELDS)
+        pipe.execute()
+
+
+def stored(db) -> int:
+    """Return how many keys the primaries hold."""
+    return sum(db.get_redis_connection(node).dbsize() for node in db.get_primaries())
+
+
+def wait_http(url: str, process, timeout: float = 30) -> None:
+    """Wait until a server answers HTTP at url."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{url}: the server exited")
+        try:
+            urllib.request.urlopen(url + "/customers/bench0", timeout=2).read()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{url}: no answer in time")
+
+
+def wrk(url: str, mode: str, ids: int, seconds: int, connections: int) -> dict:
+    """Run wrk against url and return its requests/s, p50 and p99."""
+    env = {**os.environ, "BENCH_MODE": mode, "BENCH_IDS": str(ids)}
+    out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--timeout", "5s",
+                          "-s", str(HERE / "load.lua"), url], env=env, capture_output=True,
+                         text=True, timeout=seconds + 60, check=True).stdout
+    result = json.loads(out.split("RESULT ", 1)[1])
+    result["rps"] = result["requests"] / result["seconds"]
+    if result["socket_errors"] or result["non_2xx"]:
+        print(f"  warning: {url} {mode}: {result}", flush=True)
+    return result
+
+
+class PeakRss:
+    """Sample the summed RSS of a process and its children until stopped."""
+
+    def __init__(self, pid: int | None):
+        self.process = psutil.Process(pid) if pid else None
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.wait(0.02):
+            try:
+                processes = [self.process, *self.process.children(recursive=True)]
+                total = sum(process.memory_info().rss for process in processes)
+            except psutil.Error:
+                continue
+            self.peak = max(self.peak, total)
+
+    def __enter__(self):
+        if self.process:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self.process:
+            self._thread.join()
+
+
+def list_all(url: str, expected: int, pid: int | None = None, exact: bool = True) -> dict:
+    """GET the whole list; return its seconds, first-byte seconds and the server's peak RSS."""
+    with PeakRss(pid) as rss:
+        started = time.perf_counter()
+        with urllib.request.urlopen(url + "/customers", timeout=600) as response:
+            response.read(1)
+            first_byte = time.perf_counter() - started
+            body = response.read()
+        seconds = time.perf_counter() - started
+    count = body.count(b'"id"')
+    # The original repeats what SCAN repeats: there more is reported, less is a failure.
+    if count < expected or exact and count != expected:
+        raise RuntimeError(f"{url} listed {count} customers, expected {expected}")
+    return {"seconds": seconds, "first_byte_seconds": first_byte, "listed": count,
+            "peak_rss_mb": rss.peak / 2**20 if pid else None}
+
+
+def median_list(url: str, expected: int, runs: int = 3) -> dict:
+    """Return the run with the median time to list every customer."""
+    return sorted((list_all(url, expected) for _ in range(runs)),
+                  key=lambda run: run["seconds"])[runs // 2]
+
+
+def run(args) -> dict:
+    """Measure both services on one cluster and return the figures."""
+    results = {"service": {}, "baseline": {}, "settings": vars(args)}
+    with tempfile.TemporaryDirectory() as directory, \
+            LocalCluster(find_redis_server(None), directory, appendfsync="everysec") as cluster:
+        client = cluster.nodes[0].client()
+        from redis.cluster import RedisCluster
+        db = RedisCluster(host="127.0.0.1", port=cluster.nodes[0].port, decode_responses=True)
+        client.close()
+        load(db, 0, args.ids)
+        env = {"DBHOST": "127.0.0.1", "DBPORT": str(cluster.nodes[0].port), "DBTLS": "false",
+               "LOG_LEVEL": "WARNING"}
+        service = ServiceProcess(env, cwd=directory).start()
+        port = free_port()
+        baseline = subprocess.Popen([sys.executable, str(HERE / "baseline.py"), str(port)],
+                                    env={**os.environ, **env}, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)
+        targets = {"service": service.url, "baseline": f"http://127.0.0.1:{port}"}
+        try:
+            wait_http(targets["baseline"], baseline)
+            for name, url in targets.items():
+                print(f"listing {args.ids} with the {name}", flush=True)
+                results[name]["list_small"] = median_list(url, args.ids)
+            for mode in ("get", "put", "post"):
+                for name, url in targets.items():
+                    print(f"{mode.upper()} on the {name} for {args.seconds}s", flush=True)
+                    results[name][mode] = wrk(url, mode, args.ids, args.seconds,
+                                              args.connections)
+            time.sleep(2)  # let the requests still queued when wrk stopped finish
+            db.flushall(target_nodes=RedisCluster.PRIMARIES)
+            load(db, 0, args.baseline_big)
+            print(f"listing {stored(db)} with the baseline", flush=True)
+            results["baseline"]["list_big"] = {
+                "customers": stored(db),
+                **list_all(targets["baseline"], stored(db), baseline.pid, exact=False)}
+            load(db, args.baseline_big, args.big)
+            print(f"listing {stored(db)} with the service", flush=True)
+            results["service"]["list_big"] = {
+                "customers": stored(db), **list_all(service.url, stored(db),
+                                                     service.process.pid)}
+        finally:
+            baseline.terminate()
+            baseline.wait(30)
+            service.stop()
+            db.close()
+    return results
+
+
+def table(results: dict) -> str:
+    """Format the figures and their ratios to the baseline as a Markdown table."""
+    ours, base = results["service"], results["baseline"]
+    rows = []
+    for mode in ("get", "put", "post"):
+        label = {"get": "GET /customers/<id>", "put": "PUT /customers/<id>",
+                 "post": "POST /customers"}[mode]
+        rows.append((f"{label} requests/s", ours[mode]["rps"], base[mode]["rps"],
+                     ours[mode]["rps"] / base[mode]["rps"], "{:.0f}"))
+        for pct in ("p50", "p99"):
+            key = f"{pct}_ms"
+            rows.append((f"{label} {pct} ms", ours[mode][key], base[mode][key],
+                         ours[mode][key] / base[mode][key], "{:.1f}"))
+    small, base_small = ours["list_small"]["seconds"], base["list_small"]["seconds"]
+    rows.append((f"list {results['settings']['ids']:,} customers, s", small, base_small,
+                 small / base_small, "{:.3f}"))
+    big, base_big = ours["list_big"], base["list_big"]
+    rows.append((f"peak RSS listing (service {big['customers']:,}, baseline "
+                 f"{base_big['customers']:,}), MB", big["peak_rss_mb"], base_big["peak_rss_mb"],
+                 big["peak_rss_mb"] / base_big["peak_rss_mb"], "{:.0f}"))
+    rows.append((f"list (service {big['customers']:,}, baseline {base_big['customers']:,}), s",
+                 big["seconds"], base_big["seconds"], big["seconds"] / base_big["seconds"],
+                 "{:.1f}"))
+    rows.append(("customers in that list (duplicates from SCAN)", big["listed"],
+                 base_big["listed"], big["listed"] / base_big["listed"], "{:,}"))
+    rows.append(("first byte of that list, s", big["first_byte_seconds"],
+                 base_big["first_byte_seconds"],
+                 big["first_byte_seconds"] / base_big["first_byte_seconds"], "{:.3f}"))
+    lines = ["| figure | service | baseline | service / baseline |", "| --- | ---: | ---: | ---: |"]
+    for label, mine, theirs, ratio, fmt in rows:
+        lines.append(f"| {label} | {fmt.format(mine)} | {fmt.format(theirs)} | {ratio:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ids", type=int, default=10000, help="customers for GET/PUT and listing")
+    parser.add_argument("--seconds", type=int, default=10, help="duration of each wrk run")
+    parser.add_argument("--connections", type=int, default=16, help="wrk connections")
+    parser.add_argument("--big", type=int, default=1000000, help="customers the service lists")
+    parser.add_argument("--baseline-big", type=int, default=100000,
+                        help="customers the baseline lists")
+    args = parser.parse_args()
+    if not shutil.which("wrk"):
+        print("wrk is missing: `make bench` installs it (apt-get install wrk)", file=sys.stderr)
+        return 2
+    results = run(args)
+    results["table"] = table(results)
+    results["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    results["cpus"] = os.cpu_count()
+    print(results["table"])
+    out = HERE / "results"
+    out.mkdir(exist_ok=True)
+    for name in (f"bench-{results['finished']}.json", "latest.json"):
+        (out / name).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"written to {out / 'latest.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""Listing: pages that walk every primary behind a Link header, and the streamed whole list."""
+
+import base64
+import re
+import threading
+import time
+
+import pytest
+from conftest import cluster_config
+from local_cluster import LocalCluster
+
+from database import connect
+from listing import topology, walk
+from server import create_app
+from storage import CustomerStore
+
+
+def add_customers(redis_client, count, prefix="c"):
+    """Store count customers straight in the database and return their ids."""
+    ids = [f"{prefix}{n}" for n in range(count)]
+    pipe = redis_client.pipeline(transaction=False)
+    for n, customer_id in enumerate(ids):
+        pipe.hset(f"customer:{customer_id}", mapping={"name": f"Customer {n}", "n": str(n)})
+    pipe.execute()
+    return set(ids)
+
+
+def next_link(response):
+    """Return the URL of the Link header's rel="next", or None."""
+    match = re.fullmatch(r'<([^>]+)>; rel="next"', response.headers.get("Link", ""))
+    return match and match.group(1)
+
+
+def walk_pages(client, limit, during_each_page=None):
+    """Follow the Link headers from the first page to the last and return every id listed."""
+    ids, url = [], f"/customers?limit={limit}"
+    while url:
+        response = client.get(url)
+        assert response.status_code == 200, response.get_json()
+        page = response.get_json()
+        assert len(page) <= limit
+        ids += [customer["id"] for customer in page]
+        url = next_link(response)
+        if during_each_page:
+            during_each_page()
+    return ids
+
+
+@pytest.mark.parametrize("limit", [1, 7, 100, 1000])
+def test_paging_returns_every_customer_exactly_once(client, redis_client, limit):
+    stored = add_customers(redis_client, {1: 60, 7: 300}.get(limit, 1234))
+    listed = walk_pages(client, limit)
+    assert len(listed) == len(stored)
+    assert set(listed) == stored
+
+
+def test_a_page_holds_whole_customers_and_the_last_page_has_no_link(client, redis_client):
+    client.put("/customers/1", json={"name": "Joe", "balance": 10, "vip": True})
+    response = client.get("/customers?limit=5")
+    assert response.status_code == 200
+    assert response.get_json() == [{"id": "1", "name": "Joe", "balance": 10, "vip": True}]
+    assert "Link" not in response.headers
+
+
+def test_the_next_link_keeps_the_limit_and_carries_an_opaque_cursor(client, redis_client):
+    add_customers(redis_client, 30)
+    url = next_link(client.get("/customers?limit=10"))
+    assert re.fullmatch(r"/customers\?limit=10&cursor=[A-Za-z0-9_-]+", url)
+
+
+def test_a_cursor_without_a_limit_gets_pages_of_the_default_size(client, redis_client):
+    add_customers(redis_client, 150)
+    url = next_link(client.get("/customers?limit=1"))
+    cursor = url.split("cursor=")[1]
+    assert len(client.get(f"/customers?cursor={cursor}").get_json()) == 100
+
+
+def test_streaming_returns_the_same_customers_as_paging(client, redis_client):
+    add_customers(redis_client, 2100)
+    streamed = client.get("/customers")
+    assert streamed.status_code == 200
+    assert streamed.is_streamed
+    listed = [customer["id"] for customer in streamed.get_json()]
+    assert len(listed) == len(set(listed)) == 2100
+    assert set(listed) == set(walk_pages(client, 250))
+
+
+@pytest.mark.parametrize("query", [
+    "limit=0", "limit=-1", "limit=abc", "limit=1001", "limit=1e3", "limit=", "limit=%EF%BC%95",
+    "cursor=", "cursor=nonsense", "cursor=%00%01", "limit=5&cursor=bm90IGpzb24",
+    "cursor=" + base64.urlsafe_b64encode(b'[9,"single",0,0,null,null]').decode(),
+    "cursor=" + base64.urlsafe_b64encode(b'[1,"single",-1,0,null,null]').decode(),
+    "cursor=" + base64.urlsafe_b64encode(b'[1,"single",0,0,null,"ab"]').decode(),
+    "cursor=" + base64.urlsafe_b64encode(b'{"a": 1}').decode(),
+])
+def test_a_bad_limit_or_cursor_is_400_json(client, redis_client, query):
+    add_customers(redis_client, 3)
+    response = client.get(f"/customers?{query}")
+    assert response.status_code == 400
+    assert response.get_json()["message"]
+
+
+def test_a_cursor_from_another_node_layout_is_stale_410(client, redis_client):
+    add_customers(redis_client, 3)
+    forged = base64.urlsafe_b64encode(b'[1,"000000000000",0,0,null,null]').decode()
+    response = client.get(f"/customers?limit=2&cursor={forged}")
+    assert response.status_code == 410
+    assert "start again without a cursor" in response.get_json()["message"]
+
+
+@pytest.mark.cluster
+def test_paging_while_others_write_still_returns_every_customer_that_stays(redis_cluster):
+    redis_cluster.flush()
+    redis_client = connect(cluster_config(redis_cluster))
+    client = create_app(cluster_config(redis_cluster), redis_client).test_client()
+    stable = add_customers(redis_client, 2000, prefix="stable")
+    stop = threading.Event()
+
+    def churn():
+        for n in range(5000):
+            if stop.is_set():
+                return
+            redis_client.hset(f"customer:churn{n}", "n", str(n))
+            if n >= 50:
+                redis_client.delete(f"customer:churn{n - 50}")
+
+    writer = threading.Thread(target=churn)
+    writer.start()
+    try:
+        listed = walk_pages(client, 250)
+    finally:
+        stop.set()
+        writer.join(30)
+        redis_client.close()
+    assert stable <= set(listed)
+
+
+@pytest.fixture(scope="module")
+def failover_cluster(tmp_path_factory, redis_server_binary):
+    """A 3-primary cluster with a replica each, so a primary can be killed and replaced."""
+    with LocalCluster(redis_server_binary, tmp_path_factory.mktemp("failover"),
+                      replicas=1) as cluster:
+        yield cluster
+
+
+def node_of(cluster, plain_client):
+    """Return the LocalCluster node behind a plain client of one primary."""
+    port = plain_client.connection_pool.connection_kwargs["port"]
+    return next(node for node in cluster.nodes if node.port == port)
+
+
+@pytest.mark.cluster
+def test_a_cursor_from_before_a_failover_is_410_never_500(failover_cluster):
+    redis_client = connect(cluster_config(failover_cluster))
+    client = create_app(cluster_config(failover_cluster), redis_client).test_client()
+    add_customers(redis_client, 200)
+    first = client.get("/customers?limit=10")
+    url = next_link(first)
+    killed = node_of(failover_cluster, topology(redis_client)[1][0])
+    failover_cluster.kill(killed)
+    statuses = []
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        response = client.get(url)
+        statuses.append(response.status_code)
+        if response.status_code != 503:
+            break
+        time.sleep(0.2)
+    # 503 while the replica takes over, then 410: never 500, never a page from the wrong node.
+    assert set(statuses[:-1]) <= {503} and statuses[-1] == 410, statuses
+    assert "start again without a cursor" in response.get_json()["message"]
+    assert client.get("/customers?limit=1000").status_code == 200
+    redis_client.close()
+    failover_cluster.start_node(killed)
+
+
+@pytest.mark.cluster
+def test_a_walk_interrupted_by_a_failover_resumes_without_duplicates(failover_cluster):
+    failover_cluster.wait_ok()
+    failover_cluster.flush()
+    redis_client = connect(cluster_config(failover_cluster))
+    stored = add_customers(redis_client, 9000)
+    primaries = topology(redis_client)[1]
+    for primary in primaries:
+        assert primary.wait(1, 5000) == 1
+    customers = walk(CustomerStore(redis_client))
+    listed = [next(customers)["id"]]
+    killed = node_of(failover_cluster, primaries[0])
+    failover_cluster.kill(killed)
+    listed += [customer["id"] for customer in customers]
+    assert len(listed) == len(set(listed))
+    assert set(listed) == stored
+    redis_client.close()
+    failover_cluster.start_node(killed)
+
+
+def test_streaming_keeps_integers_beyond_64_bits(client):
+    client.put("/customers/1", json={"big": 10**30, "small": -(2**70)})
+    assert client.get("/customers").get_json() == [{"id": "1", "big": 10**30, "small": -(2**70)}]
+
+
+def test_a_put_of_thousands_of_fields_sets_and_removes_them_all(client):
+    fields = {f"f{n}": n for n in range(2500)}
+    assert client.put("/customers/1", json=fields).status_code == 204
+    removed = {name: None for name in fields}
+    assert client.put("/customers/1", json=removed | {"x": 1}).status_code == 204
+    assert client.get("/customers/1").get_json() == {"id": "1", "x": 1}
+    assert client.get("/customers?limit=5").get_json() == [{"id": "1", "x": 1}]
