@@ -18,8 +18,6 @@ log = logging.getLogger(__name__)
 SCAN_COUNT = 1000
 MATCH = KEY_PREFIX + "*"
 CURSOR_VERSION = 1
-# How long a walk that has already sent customers keeps trying to get past a failover.
-RESUME_SECONDS = 20
 RESUME_PAUSE_SECONDS = 0.5
 
 
@@ -200,7 +198,9 @@ def walk(store: CustomerStore):
             # Before the first customer the caller can still answer 503; after it, resume.
             if not sent:
                 raise
-            deadline = deadline or time.monotonic() + RESUME_SECONDS
+            # Within the same budget as any other request (DBRETRYSECONDS), so that a slow
+            # database cannot hold the service's threads with walks that wait.
+            deadline = deadline or time.monotonic() + store.retry_seconds
             if time.monotonic() > deadline:
                 raise
             log.warning("listing interrupted (%s); walking again past what was sent", error)

@@ -143,6 +143,7 @@ class CustomerStore:
     def __init__(self, redis, retry_seconds: float = 0.0, wait_replicas: int = 0,
                  wait_timeout: float = 1.0):
         self.redis = redis
+        self.retry_seconds = retry_seconds
         self.retrying = Retrying(redis, retry_seconds)
         self.wait_replicas = wait_replicas
         self.wait_timeout = wait_timeout

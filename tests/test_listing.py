@@ -183,7 +183,8 @@ def test_a_walk_interrupted_by_a_failover_resumes_without_duplicates(failover_cl
     primaries = topology(redis_client)[1]
     for primary in primaries:
         assert primary.wait(1, 5000) == 1
-    customers = walk(CustomerStore(redis_client))
+    # A failover here takes longer than the default DBRETRYSECONDS: give the walk time.
+    customers = walk(CustomerStore(redis_client, retry_seconds=30))
     listed = [next(customers)["id"]]
     killed = node_of(failover_cluster, primaries[0])
     failover_cluster.kill(killed)
