@@ -40,5 +40,8 @@ fuzz: $(INSTALLED) ## Fuzz a running service longer: make fuzz [URL=...] [TOKEN=
 		--url $(or $(URL),http://127.0.0.1:8080) --max-examples $(or $(EXAMPLES),500) \
 		$(if $(TOKEN),--header "Authorization: Bearer $(TOKEN)")
 
+lint: $(INSTALLED) ## Check the code with ruff
+	$(BIN)/ruff check src tests benchmarks
+
 clean: ## Remove the virtual environment (data/ is kept)
 	rm -rf $(VENV)

@@ -23,10 +23,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
 
+from embedded import find_redis_server, free_port  # noqa: E402
 from local_cluster import LocalCluster  # noqa: E402
 from service_process import ServiceProcess  # noqa: E402
-
-from embedded import find_redis_server, free_port  # noqa: E402
 
 FIELDS = {"name": "Joe", "lastName": "Doe", "email": "joe@example.com", "phone": "+1 555 0100",
           "balance": "1000", "_type:balance": "int"}

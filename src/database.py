@@ -16,9 +16,12 @@ timed-out or disconnected command may still have been applied:
   above, so it is applied again and waited for again.
 A conditional write (WATCH, check, MULTI/EXEC) must retry the whole check-and-write: if a
 lost reply hid a successful EXEC, the retry sees the new version and reports a conflict,
-never a double write. DBWAITREPLICAS covers the unconditional writes (write_and_wait), not
-yet the conditional ones. Errors that waiting cannot mend (a wrong password, a missing ACL
-permission, a certificate that fails verification) are not retried.
+never a double write. DBWAITREPLICAS covers every write: unconditional ones through
+write_and_wait, conditional ones by a WAIT after their EXEC on the same connection; a
+conditional write that too few replicas confirmed is not retried (the retry would take its
+own write for another writer's) but answered 503 at once. Errors that waiting cannot mend
+(a wrong password, a missing ACL permission, a certificate that fails verification) are not
+retried.
 """
 
 import functools
@@ -46,7 +49,7 @@ class ReplicasBehind(rx.RedisError):
 
 
 class LazyCluster:
-    """A RedisCluster client that connects on first use, so the service starts while the database is down."""
+    """A RedisCluster connecting on first use, so the service starts while the database is down."""
 
     def __init__(self, **options):
         self._options = options
@@ -54,7 +57,7 @@ class LazyCluster:
         self._lock = threading.Lock()
 
     def client(self) -> RedisCluster:
-        """Return the connected client, connecting now if needed (raises while the database is down)."""
+        """Return the connected client, connecting now if needed (raises while it is down)."""
         if self._client is None:
             with self._lock:
                 if self._client is None:

@@ -152,7 +152,7 @@ class Customers_ID(Resource):  # noqa: N801 - the name of the original design
             else:
                 self.store.merge(customer_id, fields)
         except NotACustomer:
-            errors.fail(409, f"key of customer {customer_id} holds something that is not a customer")
+            errors.fail(409, f"key of customer {customer_id} holds something not a customer")
         except PreconditionFailed:
             stale(customer_id)
         return no_content()

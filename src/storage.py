@@ -6,13 +6,18 @@ import uuid
 
 from redis import exceptions as rx
 
-from database import ReplicasBehind, Retrying, retried, write_and_wait
+from database import ReplicasBehind, Retrying, primary_of, retried, write_and_wait
 
 KEY_PREFIX = "customer:"
 # A field "_type:<name>" records the JSON type of a non-string field <name>.
 TYPE_PREFIX = "_type:"
 # A conditional write re-reads and retries when another writer changed the key meanwhile.
 WATCH_ATTEMPTS = 50
+
+
+class Unreplicated(rx.RedisError):
+    """A conditional write reached its primary but too few replicas: not acknowledged."""
+
 
 # Errors that mean the database cannot answer now, as opposed to a bug in a request.
 UNAVAILABLE = (
@@ -29,6 +34,7 @@ UNAVAILABLE = (
     rx.BusyLoadingError,
     rx.AskError,  # MOVED or ASK still, after retries: the slots are moving
     ReplicasBehind,
+    Unreplicated,
 )
 
 
@@ -132,9 +138,9 @@ def merge_commands(key: str, fields: dict) -> list:
     return commands
 
 
-def _queue_merge(pipe, key: str, fields: dict) -> None:
-    for command in merge_commands(key, fields):
-        pipe.execute_command(*command)
+def patched(customer: dict, fields: dict) -> dict:
+    """Return a customer with a merge patch applied: null removes a field."""
+    return {name: value for name, value in {**customer, **fields}.items() if value is not None}
 
 
 class CustomerStore:
@@ -199,71 +205,80 @@ class CustomerStore:
                 raise NotACustomer(customer_id) from None
             raise
 
-    def _checked_write(self, customer_id: str, write):
-        """Read a customer and queue a write in one WATCH/MULTI step; return EXEC's replies.
+    def _checked_write(self, customer_id: str, plan) -> dict | None:
+        """Apply plan(customer as read, or None)'s commands only if nobody wrote in between.
 
-        write(pipe, customer or None) queues the commands, or raises to write nothing.
+        WATCH, HGETALL, MULTI/EXEC and, with DBWAITREPLICAS, WAIT all go over one connection
+        to the key's primary (WAIT counts that connection's writes). Returns the customer read.
         """
         key = customer_key(customer_id)
         for _ in range(WATCH_ATTEMPTS):
-            with self.redis.pipeline(transaction=True) as pipe:
+            with primary_of(self.redis, key).pipeline(transaction=True) as pipe:
+                pipe.watch(key)
                 try:
-                    pipe.watch(key)
-                    try:
-                        raw = pipe.hgetall(key)
-                    except rx.ResponseError as error:
-                        if "WRONGTYPE" not in str(error):
-                            raise
-                        raw = {}
-                    pipe.multi()
-                    write(pipe, decode(customer_id, raw) if raw else None)
-                    return pipe.execute()
-                except rx.WatchError:
-                    continue
+                    raw = pipe.hgetall(key)
                 except rx.ResponseError as error:
-                    if "WRONGTYPE" in str(error):
-                        raise NotACustomer(customer_id) from None
-                    raise
+                    if "WRONGTYPE" not in str(error):
+                        raise
+                    raw = {}
+                current = decode(customer_id, raw) if raw else None
+                commands = plan(current)
+                if not commands:
+                    return current
+                pipe.execute_command("MULTI")
+                for command in commands:
+                    pipe.execute_command(*command)
+                replies = pipe.execute_command("EXEC")
+                if replies is None:
+                    continue  # another writer changed the customer after WATCH: read again
+                for reply in replies:
+                    if isinstance(reply, rx.ResponseError) and "WRONGTYPE" in str(reply):
+                        raise NotACustomer(customer_id)
+                    if isinstance(reply, Exception):
+                        raise reply
+                if self.wait_replicas:
+                    acknowledged = pipe.immediate_execute_command(
+                        "WAIT", self.wait_replicas, int(self.wait_timeout * 1000))
+                    if acknowledged < self.wait_replicas:
+                        raise Unreplicated(f"{acknowledged} of {self.wait_replicas} replicas "
+                                           f"confirmed the write to {key}")
+                return current
         raise Contended(f"customer {customer_id} kept changing during {WATCH_ATTEMPTS} attempts")
 
     @retried
     def merge_if(self, customer_id: str, fields: dict, condition) -> None:
         """Merge fields into a customer in one atomic step if condition(version or None) holds."""
-        def write(pipe, current):
+        def plan(current):
             if not condition(version(current) if current else None):
                 raise PreconditionFailed(customer_id)
-            _queue_merge(pipe, customer_key(customer_id), fields)
+            return merge_commands(customer_key(customer_id), fields)
 
-        self._checked_write(customer_id, write)
+        self._checked_write(customer_id, plan)
 
     @retried
     def patch(self, customer_id: str, fields: dict, condition=None) -> dict | None:
         """Apply a merge patch to an existing customer in one atomic step; None if there is none."""
-        key = customer_key(customer_id)
-
-        def write(pipe, current):
+        def plan(current):
             if current is None:
-                return
+                return []
             if condition and not condition(version(current)):
                 raise PreconditionFailed(customer_id)
-            kept = {name for name, value in {**current, **fields}.items() if value is not None}
-            if kept == {"id"}:
+            if not any(name != "id" for name in patched(current, fields)):
                 raise NothingLeft(customer_id)
-            _queue_merge(pipe, key, fields)
-            pipe.hgetall(key)
+            return merge_commands(customer_key(customer_id), fields)
 
-        replies = self._checked_write(customer_id, write)
-        return decode(customer_id, replies[-1]) if replies else None
+        current = self._checked_write(customer_id, plan)
+        return None if current is None else patched(current, fields)
 
     @retried
     def delete_if(self, customer_id: str, condition) -> None:
         """Remove a customer in one atomic step if condition(current version or None) holds."""
-        def write(pipe, current):
+        def plan(current):
             if not condition(version(current) if current else None):
                 raise PreconditionFailed(customer_id)
-            pipe.delete(customer_key(customer_id))
+            return [("DEL", customer_key(customer_id))]
 
-        self._checked_write(customer_id, write)
+        self._checked_write(customer_id, plan)
 
     @retried
     def delete(self, customer_id: str) -> None:

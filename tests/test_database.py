@@ -56,6 +56,16 @@ def test_a_write_is_acknowledged_only_when_enough_replicas_confirm_it(
     assert client.delete("/customers/0").status_code == status
     if status == 503:
         assert response.headers["Retry-After"]
+
+    # Conditional writes wait too: a PATCH, and a PUT and a DELETE with If-Match.
+    patch = client.patch("/customers/1", json={"n": 10},
+                         headers={"Content-Type": "application/merge-patch+json"})
+    assert patch.status_code == (200 if status == 204 else 503)
+    etag = client.get("/customers/1").headers["ETag"]
+    response = client.put("/customers/1", json={"n": 11}, headers={"If-Match": etag})
+    assert response.status_code == status
+    etag = client.get("/customers/1").headers["ETag"]
+    assert client.delete("/customers/1", headers={"If-Match": etag}).status_code == status
     database.close()
 
 

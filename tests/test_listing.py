@@ -6,11 +6,11 @@ import threading
 import time
 
 import pytest
-from conftest import cluster_config
-from local_cluster import LocalCluster
 
+from conftest import cluster_config
 from database import connect
 from listing import topology, walk
+from local_cluster import LocalCluster
 from server import create_app
 from storage import CustomerStore
 
