@@ -1,8 +1,24 @@
 """Serve the app with gunicorn's threaded workers."""
 
+import json
+
+from gunicorn import util
 from gunicorn.app.base import BaseApplication
 
 import request_log
+
+
+def write_json_error(sock, status: int, reason: str, message: str) -> None:
+    """Answer a request gunicorn could not parse with the service's JSON error shape."""
+    body = json.dumps({"message": f"{reason}: {message}" if message else reason}) + "\n"
+    head = (f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
+    util.write_nonblock(sock, (head + body).encode("latin-1"))
+
+
+# gunicorn answers a request that never reaches the app (a malformed request line or
+# header) with an HTML page of its own; the service's clients get JSON for everything.
+util.write_error = write_json_error
 
 
 class Server(BaseApplication):

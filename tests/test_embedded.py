@@ -1,5 +1,7 @@
 """With no database configured, the service runs its own durable Redis."""
 
+import json
+import socket
 import subprocess
 import sys
 import time
@@ -47,6 +49,24 @@ def test_the_embedded_database_is_a_cluster_with_an_append_only_file(tmp_path):
 def test_server_py_runs_from_the_src_folder_as_in_the_original(tmp_path):
     with ServiceProcess(embedded_env(tmp_path), cwd=SERVER.parent) as service:
         assert call(service.url + "/customers")[0] == 200
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"GET /customers HTTP/1.1\r\nHost: x\r\nX-Bad: a\x00b\r\n\r\n",
+    b"NOT A REQUEST LINE\r\n\r\n",
+    b"GET /customers HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+])
+def test_a_request_the_server_cannot_parse_gets_a_json_error(tmp_path, request_bytes):
+    with ServiceProcess(embedded_env(tmp_path)) as service:
+        with socket.create_connection(("127.0.0.1", service.port), timeout=10) as sock:
+            sock.sendall(request_bytes)
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+    head, _, body = answer.decode("latin-1").partition("\r\n\r\n")
+    assert head.startswith("HTTP/1.1 400 ")
+    assert "Content-Type: application/json" in head
+    assert json.loads(body)["message"]
 
 
 @pytest.mark.parametrize(("env", "words"), [
