@@ -41,8 +41,8 @@ def check(fault, load, service, **notes):
     report(fault, load, len(lost), {name.replace("_", " "): value for name, value in notes.items()})
     assert lost == []
     assert load.acknowledged
-    # A list streamed while its shard fails over is cut off until listing resumes its scan
-    # (the listing's own work); anything else but a 503 is a failure here.
+    # A list streaming while its shard fails over for longer than DBRETRYSECONDS is cut off
+    # (its JSON array left unclosed); anything else but a 503 is a failure here.
     assert set(load.errors_by_status()) <= {"503", "cut-off list"}
 
 
