@@ -22,7 +22,7 @@ import validation
 from database import connect
 from embedded import EmbeddedError, EmbeddedRedis, find_redis_server
 from settings import Config, ConfigError, load_config
-from storage import CustomerStore, NotACustomer, NothingLeft, PreconditionFailed
+from storage import UNAVAILABLE, CustomerStore, NotACustomer, NothingLeft, PreconditionFailed
 
 log = logging.getLogger("customers")
 STREAM_CHUNK_BYTES = 64 * 1024
@@ -76,15 +76,25 @@ def stream_json_array(items) -> Response:
         if first is None:
             yield b"[]\n"
             return
-        buffer = [b"[", dumps(first)]
-        size = 0
-        for item in items:
-            text = dumps(item)
-            buffer += [b",", text]
-            size += len(text)
-            if size >= STREAM_CHUNK_BYTES:
-                yield b"".join(buffer)
-                buffer, size = [], 0
+        # The first customer goes out at once: the status line is sent, and the client starts.
+        yield b"[" + dumps(first)
+        buffer, size, count = [], 0, 1
+        try:
+            for item in items:
+                text = dumps(item)
+                buffer += [b",", text]
+                size += len(text)
+                count += 1
+                if size >= STREAM_CHUNK_BYTES:
+                    yield b"".join(buffer)
+                    buffer, size = [], 0
+        except UNAVAILABLE as error:
+            # Too late for a 503: end the body with the array unclosed, which no JSON parser
+            # takes for a whole list, rather than pass for complete.
+            log.warning("list cut short after %d customers: %s: %s", count,
+                        type(error).__name__, error)
+            yield b"".join(buffer)
+            return
         buffer.append(b"]\n")
         yield b"".join(buffer)
 

@@ -1,6 +1,7 @@
 """A bounded mixed load (creates, updates, reads, lists) that records every acknowledged write."""
 
 import collections
+import http.client
 import os
 import random
 import threading
@@ -110,7 +111,7 @@ class MixedLoad:
             else:
                 status = call(self.url + "/customers", timeout=self.timeout)[0]
             status = str(status)
-        except ValueError:
+        except (ValueError, http.client.HTTPException):
             # A 200 whose JSON body stops short: a streamed list cut off by the database.
             status = "cut-off list" if op == "list" else "bad JSON"
         except OSError as error:

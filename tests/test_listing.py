@@ -1,17 +1,20 @@
 """Listing: pages that walk every primary behind a Link header, and the streamed whole list."""
 
 import base64
+import json
 import re
 import threading
 import time
 
 import pytest
+import redis
+from flask import Flask
 
 from conftest import cluster_config
 from database import connect
 from listing import topology, walk
 from local_cluster import LocalCluster
-from server import create_app
+from server import create_app, stream_json_array
 from storage import CustomerStore
 
 
@@ -207,3 +210,18 @@ def test_a_put_of_thousands_of_fields_sets_and_removes_them_all(client):
     assert client.put("/customers/1", json=removed | {"x": 1}).status_code == 204
     assert client.get("/customers/1").get_json() == {"id": "1", "x": 1}
     assert client.get("/customers?limit=5").get_json() == [{"id": "1", "x": 1}]
+
+
+def test_a_list_cut_short_by_the_database_ends_with_its_array_unclosed():
+    def customers():
+        yield {"id": "1"}
+        yield {"id": "2"}
+        raise redis.ConnectionError("the database went away")
+
+    app = Flask(__name__)
+    app.add_url_rule("/", view_func=lambda: stream_json_array(customers()))
+    response = app.test_client().get("/")
+    assert response.status_code == 200
+    assert response.data.startswith(b'[{"id":"1"}')
+    with pytest.raises(ValueError):
+        json.loads(response.data)
