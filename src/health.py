@@ -5,6 +5,7 @@ import logging
 from redis.cluster import RedisCluster
 
 from database import LazyCluster
+from errors import RETRY_AFTER_SECONDS
 from storage import UNAVAILABLE
 
 log = logging.getLogger(__name__)
@@ -39,5 +40,6 @@ def register(app, redis) -> None:
         problem = database_problem(redis)
         if problem:
             log.warning("not ready: %s", problem)
-            return {"message": f"not ready: {problem}"}, 503, {"Retry-After": "2"}
+            retry = {"Retry-After": str(RETRY_AFTER_SECONDS)}
+            return {"message": f"not ready: {problem}"}, 503, retry
         return {"status": "ready"}

@@ -285,11 +285,3 @@ class CustomerStore:
         """Remove a customer; removing one that does not exist is not an error."""
         key = customer_key(customer_id)
         self._write(key, [("DEL", key)])
-
-    @retried
-    def nodes(self) -> list:
-        """Return a plain client for each primary (the client itself when not a cluster)."""
-        if hasattr(self.redis, "get_primaries"):
-            primaries = self.redis.get_primaries()
-            return [self.redis.get_redis_connection(node) for node in primaries]
-        return [self.redis]

@@ -10,10 +10,10 @@ import pytest
 
 from database import connect
 from embedded import find_redis_server
+from listing import topology
 from local_cluster import LocalCluster
 from server import create_app
 from settings import Config, load_config
-from storage import CustomerStore
 
 
 def cluster_config(cluster: LocalCluster, **overrides) -> Config:
@@ -85,6 +85,6 @@ def client(app):
 def stored_keys(redis_client):
     """Return a function that lists every key in the test database."""
     def keys():
-        return sorted(key for node in CustomerStore(redis_client).nodes()
+        return sorted(key for node in topology(redis_client)[1]
                       for key in node.scan_iter(count=1000))
     return keys
