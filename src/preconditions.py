@@ -1,19 +1,20 @@
 """Conditional requests (RFC 9110): ETags from storage versions, If-Match and If-None-Match."""
 
-import json
-
 from flask import Response, request
 
-from storage import version
+from storage import canonical, fingerprint
 
 
 def tagged(customer: dict) -> Response:
     """Answer with a customer and its strong ETag, or 304 when If-None-Match already has it."""
-    # Equal content, equal bytes, as a strong ETag promises: the id first, then sorted fields.
-    ordered = {"id": customer["id"], **dict(sorted(customer.items()))}
-    response = Response(json.dumps(ordered) + "\n", mimetype="application/json")
-    response.set_etag(version(customer))
-    return response.make_conditional(request)
+    body = canonical(customer)
+    etag = fingerprint(body)
+    # If-None-Match compares weakly (RFC 9110 13.1.2).
+    if request.if_none_match.contains_weak(etag):
+        response = Response(status=304, headers={"ETag": f'"{etag}"'})
+        del response.headers["Content-Type"]
+        return response
+    return Response(body + b"\n", mimetype="application/json", headers={"ETag": f'"{etag}"'})
 
 
 def write_condition():

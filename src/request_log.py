@@ -63,6 +63,8 @@ def _start():
 def _finish(response):
     request_id = g.get("request_id") or uuid.uuid4().hex
     response.headers[HEADER] = request_id
+    if not log.isEnabledFor(logging.INFO):
+        return response
     milliseconds = (time.perf_counter() - g.get("started", time.perf_counter())) * 1000
     method, path = _printable(request.method), _printable(request.path)
     fields = {"method": method, "path": path, "status": response.status_code,

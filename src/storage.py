@@ -4,9 +4,10 @@ import hashlib
 import json
 import uuid
 
+import orjson
 from redis import exceptions as rx
 
-from database import ReplicasBehind, Retrying, primary_of, retried, write_and_wait
+from database import ReplicasBehind, Retrying, on_primary, primary_of, retried, write_and_wait
 
 KEY_PREFIX = "customer:"
 # A field "_type:<name>" records the JSON type of a non-string field <name>.
@@ -121,10 +122,23 @@ def decode(customer_id: str, raw: dict) -> dict:
     return customer
 
 
+def canonical(customer: dict) -> bytes:
+    """Return a customer as JSON, id first, other fields sorted: equal content, equal bytes."""
+    ordered = {"id": customer["id"], **dict(sorted(customer.items()))}
+    try:
+        return orjson.dumps(ordered)
+    except orjson.JSONEncodeError:  # integers beyond 64 bits
+        return json.dumps(ordered, separators=(",", ":")).encode()
+
+
+def fingerprint(text: bytes) -> str:
+    """Return the version of a customer from its canonical JSON."""
+    return hashlib.blake2b(text, digest_size=16).hexdigest()
+
+
 def version(customer: dict) -> str:
     """Return a fingerprint of a customer's content: equal content, equal version."""
-    canonical = json.dumps(customer, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+    return fingerprint(canonical(customer))
 
 
 def merge_commands(key: str, fields: dict) -> list:
@@ -172,7 +186,7 @@ class CustomerStore:
     def get(self, customer_id: str) -> dict | None:
         """Return one customer, or None when there is none."""
         try:
-            raw = self.redis.hgetall(customer_key(customer_id))
+            raw = on_primary(self.redis, customer_key(customer_id), "HGETALL")
         except rx.ResponseError as error:
             if str(error).startswith("WRONGTYPE"):
                 return None
@@ -183,9 +197,20 @@ class CustomerStore:
         """Store a new customer under a fresh id and return it."""
         # The id is drawn once, outside merge's retries: a retried create writes the same key.
         customer_id = str(uuid.uuid4())
-        self.merge(customer_id, fields)
+        to_set, _ = encode(fields)
+        if self.wait_replicas or not to_set:
+            self.merge(customer_id, fields)
+        else:
+            # A fresh key has no fields to remove: one HSET, no script.
+            self._create(customer_id, to_set)
         stored = {name: value for name, value in fields.items() if value is not None}
         return {"id": customer_id, **stored}
+
+    @retried
+    def _create(self, customer_id: str, to_set: dict) -> None:
+        """Write the fields of a new customer."""
+        pairs = [part for item in to_set.items() for part in item]
+        on_primary(self.redis, customer_key(customer_id), "HSET", *pairs)
 
     @retried
     def merge(self, customer_id: str, fields: dict) -> None:
@@ -199,7 +224,11 @@ class CustomerStore:
                 if self._merge is None:
                     self._merge = self.redis.register_script(MERGE_SCRIPT)
                 pairs = [part for item in to_set.items() for part in item]
-                self._merge(keys=[key], args=[len(to_set), *pairs, *to_delete])
+                args = [len(to_set), *pairs, *to_delete]
+                try:
+                    self._merge(keys=[key], args=args, client=primary_of(self.redis, key))
+                except rx.AskError:
+                    self._merge(keys=[key], args=args)  # moved: the cluster client follows
         except rx.ResponseError as error:
             if "WRONGTYPE" in str(error):
                 raise NotACustomer(customer_id) from None
