@@ -4,6 +4,7 @@ import json
 import math
 import re
 
+import orjson
 from flask import request
 
 from errors import fail
@@ -43,9 +44,13 @@ def read_json_object() -> dict:
     if not isinstance(body, dict):
         fail(400, "the body must be a JSON object")
     try:
-        json.dumps(body, ensure_ascii=False).encode()
-    except UnicodeEncodeError:
-        fail(400, "the body holds a lone surrogate escape (\\ud800 to \\udfff), which is no text")
+        orjson.dumps(body)  # fails on lone surrogates, and on integers beyond 64 bits
+    except orjson.JSONEncodeError:
+        try:
+            json.dumps(body, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            fail(400, "the body holds a lone surrogate escape (\\ud800 to \\udfff), "
+                      "which is no text")
     return body
 
 
