@@ -187,6 +187,8 @@ class CustomerStore:
         """Return one customer, or None when there is none."""
         try:
             raw = on_primary(self.redis, customer_key(customer_id), "HGETALL")
+            if isinstance(raw, list):  # RESP2: field, value, field, value...
+                raw = dict(zip(raw[::2], raw[1::2], strict=True))
         except rx.ResponseError as error:
             if str(error).startswith("WRONGTYPE"):
                 return None

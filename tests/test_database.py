@@ -4,7 +4,7 @@ import pytest
 from redis import exceptions as rx
 
 from conftest import cluster_config
-from database import Retrying, connect, is_transient
+from database import Retrying, connect, is_transient, on_primary
 from server import create_app
 
 
@@ -94,3 +94,22 @@ def test_retries_wait_out_a_brief_outage_but_not_a_long_one():
     attempts.clear()
     assert policy(flaky, 1) == "answer"
     assert len(attempts) == 2  # back up: brief outages are waited out again
+
+
+@pytest.mark.cluster
+def test_a_read_or_write_sent_to_a_former_owner_follows_the_move(redis_cluster):
+    redis = connect(cluster_config(redis_cluster))
+    redis_cluster.flush()
+    try:
+        redis.hset("customer:moved", mapping={"name": "Joe"})
+        slot = redis.keyslot("customer:moved")
+        owner = redis.get_node_from_key("customer:moved")
+        stale = next(node for node in redis.get_primaries() if node.name != owner.name)
+        # As after a resharding the client has not heard of: its table names the wrong node.
+        redis.nodes_manager.slots_cache[slot] = [stale]
+
+        assert on_primary(redis, "customer:moved", "HSET", "email", "joe@example.com") == 1
+        assert redis.hgetall("customer:moved") == {"name": "Joe", "email": "joe@example.com"}
+        assert redis.get_node_from_key("customer:moved").name == owner.name
+    finally:
+        redis.close()
