@@ -52,6 +52,7 @@ for first = set_end + 1, #ARGV, 1000 do
 end
 return 1
 """
+MERGE_SHA = hashlib.sha1(MERGE_SCRIPT.encode()).hexdigest()
 
 
 class NotACustomer(Exception):
@@ -167,7 +168,6 @@ class CustomerStore:
         self.retrying = Retrying(redis, retry_seconds)
         self.wait_replicas = wait_replicas
         self.wait_timeout = wait_timeout
-        self._merge = None
 
     def _write(self, key: str, commands: list) -> None:
         """Apply write commands on one key atomically, then WAIT for replicas if configured."""
@@ -185,8 +185,9 @@ class CustomerStore:
     @retried
     def get(self, customer_id: str) -> dict | None:
         """Return one customer, or None when there is none."""
+        key = customer_key(customer_id)
         try:
-            raw = on_primary(self.redis, customer_key(customer_id), "HGETALL")
+            raw = on_primary(self.redis, key, "HGETALL", key)
             if isinstance(raw, list):  # RESP2: field, value, field, value...
                 raw = dict(zip(raw[::2], raw[1::2], strict=True))
         except rx.ResponseError as error:
@@ -212,7 +213,8 @@ class CustomerStore:
     def _create(self, customer_id: str, to_set: dict) -> None:
         """Write the fields of a new customer."""
         pairs = [part for item in to_set.items() for part in item]
-        on_primary(self.redis, customer_key(customer_id), "HSET", *pairs)
+        key = customer_key(customer_id)
+        on_primary(self.redis, key, "HSET", key, *pairs)
 
     @retried
     def merge(self, customer_id: str, fields: dict) -> None:
@@ -223,14 +225,14 @@ class CustomerStore:
                 self._write(key, merge_commands(key, fields))
             else:
                 to_set, to_delete = encode(fields)
-                if self._merge is None:
-                    self._merge = self.redis.register_script(MERGE_SCRIPT)
                 pairs = [part for item in to_set.items() for part in item]
-                args = [len(to_set), *pairs, *to_delete]
+                command = ("EVALSHA", MERGE_SHA, 1, key, len(to_set), *pairs, *to_delete)
                 try:
-                    self._merge(keys=[key], args=args, client=primary_of(self.redis, key))
-                except rx.AskError:
-                    self._merge(keys=[key], args=args)  # moved: the cluster client follows
+                    on_primary(self.redis, key, *command)
+                except rx.NoScriptError:
+                    # A node that restarted or was added has no scripts yet.
+                    primary_of(self.redis, key).script_load(MERGE_SCRIPT)
+                    on_primary(self.redis, key, *command)
         except rx.ResponseError as error:
             if "WRONGTYPE" in str(error):
                 raise NotACustomer(customer_id) from None

@@ -108,8 +108,24 @@ def test_a_read_or_write_sent_to_a_former_owner_follows_the_move(redis_cluster):
         # As after a resharding the client has not heard of: its table names the wrong node.
         redis.nodes_manager.slots_cache[slot] = [stale]
 
-        assert on_primary(redis, "customer:moved", "HSET", "email", "joe@example.com") == 1
+        command = ("HSET", "customer:moved", "email", "joe@example.com")
+        assert on_primary(redis, "customer:moved", *command) == 1
         assert redis.hgetall("customer:moved") == {"name": "Joe", "email": "joe@example.com"}
         assert redis.get_node_from_key("customer:moved").name == owner.name
+    finally:
+        redis.close()
+
+
+@pytest.mark.cluster
+def test_updates_still_apply_on_nodes_that_lost_their_scripts(redis_cluster):
+    redis = connect(cluster_config(redis_cluster))
+    redis_cluster.flush()
+    client = create_app(cluster_config(redis_cluster), redis).test_client()
+    try:
+        assert client.put("/customers/1", json={"name": "Joe", "age": 39}).status_code == 204
+        for node in redis_cluster.nodes:
+            redis_cluster.admin(node).script_flush()  # as after a restart without the AOF
+        assert client.put("/customers/1", json={"age": "unknown"}).status_code == 204
+        assert client.get("/customers/1").get_json() == {"id": "1", "name": "Joe", "age": "unknown"}
     finally:
         redis.close()
