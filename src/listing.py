@@ -10,7 +10,9 @@ import logging
 import time
 from array import array
 
-from redis.exceptions import AskError, ClusterError
+from hiredis import PushNotification
+from redis._parsers.hiredis import NOT_ENOUGH_DATA
+from redis.exceptions import AskError, ClusterError, ResponseError
 
 from storage import KEY_PREFIX, UNAVAILABLE, CustomerStore, decode
 
@@ -60,22 +62,73 @@ def _slot_layout(redis) -> list:
 
 
 def fetch(redis, node, keys) -> list:
-    """Read whole customers from one node in one pipeline, skipping keys gone or retyped."""
+    """Read whole customers from one node in one round trip, skipping keys gone or retyped."""
     if not keys:
         return []
-    pipe = node.pipeline(transaction=False)
-    for key in keys:
-        pipe.hgetall(key)
     customers = []
-    for key, raw in zip(keys, pipe.execute(raise_on_error=False), strict=True):
-        if isinstance(raw, AskError):
-            # MOVED or ASK: a resharding moved the key; the cluster client follows it.
-            raw = redis.hgetall(key)
-        if isinstance(raw, Exception) and "WRONGTYPE" not in str(raw):
-            raise raw
-        if isinstance(raw, dict) and raw:
-            customers.append(decode(key[len(KEY_PREFIX):], raw))
+    start = len(KEY_PREFIX)
+    for key, raw in zip(keys, hgetall_many(node, keys), strict=True):
+        if isinstance(raw, Exception):
+            if isinstance(raw, AskError):
+                # MOVED or ASK: a resharding moved the key; the cluster client follows it.
+                raw = redis.hgetall(key)
+            elif "WRONGTYPE" in str(raw):
+                continue
+            else:
+                raise raw
+        elif type(raw) is list:
+            # RESP2 sends a hash as a flat list of names and values.
+            raw = dict(zip(raw[::2], raw[1::2], strict=True))
+        if raw:
+            customers.append(decode(key[start:], raw))
     return customers
+
+
+def hgetall_many(node, keys) -> list:
+    """Send HGETALL of every key in one write; return the replies, error replies as exceptions."""
+    # A redis-py pipeline costs several times the parsing itself: pack and read directly,
+    # on a connection of the node's pool (already through TLS, AUTH and HELLO).
+    packed = b"".join(b"*2\r\n$7\r\nHGETALL\r\n$%d\r\n%s\r\n" % (len(key), key)
+                      for key in map(str.encode, keys))
+    pool = node.connection_pool
+    connection = pool.get_connection()
+    try:
+        # A connection the server closed meanwhile is dropped and the batch sent once more,
+        # as redis-py's pipelines do (reads are safe to repeat).
+        return connection.retry.call_with_retry(
+            lambda: _exchange(connection, packed, len(keys)),
+            lambda error: connection.disconnect())
+    except BaseException:
+        # Replies may be left unread: the connection must not go back to the pool in use.
+        connection.disconnect()
+        raise
+    finally:
+        pool.release(connection)
+
+
+def _exchange(connection, packed: bytes, count: int) -> list:
+    """Send packed commands and read count replies, error replies as exceptions."""
+    connection.send_packed_command([packed])
+    # Replies hiredis already holds are taken from its reader (redis-py internals, pinned
+    # redis 8.1): read_response per reply costs as much as parsing. Reading the socket,
+    # push messages and connection errors stay read_response's.
+    parser = connection._parser
+    reader = getattr(parser, "_reader", None)
+    replies = []
+    while len(replies) < count:
+        reply = reader.gets() if reader is not None else NOT_ENOUGH_DATA
+        if type(reply) is dict:
+            replies.append(reply)
+        elif reply is NOT_ENOUGH_DATA:
+            try:
+                replies.append(connection.read_response())
+            except ResponseError as error:
+                replies.append(error)
+        elif isinstance(reply, PushNotification):
+            parser.handle_push_response(reply)
+        else:
+            replies.append(reply)
+    return replies
 
 
 def scan(node, cursor: int, count: int) -> tuple[int, list]:
