@@ -11,8 +11,8 @@ import time
 from array import array
 
 from hiredis import PushNotification
+from redis import exceptions as rx
 from redis._parsers.hiredis import NOT_ENOUGH_DATA
-from redis.exceptions import AskError, ClusterError, ResponseError
 
 from storage import KEY_PREFIX, UNAVAILABLE, CustomerStore, decode
 
@@ -21,6 +21,8 @@ SCAN_COUNT = 1000
 MATCH = KEY_PREFIX + "*"
 CURSOR_VERSION = 1
 RESUME_PAUSE_SECONDS = 0.5
+HELLO_2 = b"*2\r\n$5\r\nHELLO\r\n$1\r\n2\r\n"
+HELLO_3 = b"*2\r\n$5\r\nHELLO\r\n$1\r\n3\r\n"
 
 
 class BadCursor(ValueError):
@@ -42,7 +44,7 @@ def topology(redis) -> tuple[str, list]:
         redis.nodes_manager.initialize()
     nodes = [redis.get_node(node_name=name) for name in names]
     if None in nodes:
-        raise ClusterError(f"the cluster announces primaries it cannot reach: {names}")
+        raise rx.ClusterError(f"the cluster announces primaries it cannot reach: {names}")
     return fingerprint, [redis.get_redis_connection(node) for node in nodes]
 
 
@@ -58,7 +60,7 @@ def _slot_layout(redis) -> list:
         # A node that never learnt its own address (a one-node cluster) announces no host.
         return [(start, end, primary[0] or node.host, primary[1])
                 for start, end, primary, *_ in reply]
-    raise failure or ClusterError("no node of the cluster is known")
+    raise failure or rx.ClusterError("no node of the cluster is known")
 
 
 def fetch(redis, node, keys) -> list:
@@ -69,7 +71,7 @@ def fetch(redis, node, keys) -> list:
     start = len(KEY_PREFIX)
     for key, raw in zip(keys, hgetall_many(node, keys), strict=True):
         if isinstance(raw, Exception):
-            if isinstance(raw, AskError):
+            if isinstance(raw, rx.AskError):
                 # MOVED or ASK: a resharding moved the key; the cluster client follows it.
                 raw = redis.hgetall(key)
             elif "WRONGTYPE" in str(raw):
@@ -78,7 +80,8 @@ def fetch(redis, node, keys) -> list:
                 raise raw
         elif type(raw) is list:
             # RESP2 sends a hash as a flat list of names and values.
-            raw = dict(zip(raw[::2], raw[1::2], strict=True))
+            pairs = iter(raw)
+            raw = dict(zip(pairs, pairs, strict=True))
         if raw:
             customers.append(decode(key[start:], raw))
     return customers
@@ -93,13 +96,26 @@ def hgetall_many(node, keys) -> list:
     pool = node.connection_pool
     connection = pool.get_connection()
     try:
+        resp3 = str(connection.get_protocol()) == "3"
+        if resp3:
+            # hiredis builds RESP3's maps several times slower than RESP2's flat lists: the
+            # batch is read in RESP2, and the connection switched back before anyone else uses it.
+            packed = HELLO_2 + packed + HELLO_3
         # A connection the server closed meanwhile is dropped and the batch sent once more,
         # as redis-py's pipelines do (reads are safe to repeat).
-        return connection.retry.call_with_retry(
-            lambda: _exchange(connection, packed, len(keys)),
+        replies = connection.retry.call_with_retry(
+            lambda: _exchange(connection, packed, len(keys) + 2 * resp3),
             lambda error: connection.disconnect())
+        if resp3:
+            switched = replies.pop()
+            if isinstance(switched, Exception):
+                raise switched
+            if not isinstance(switched, dict):
+                raise rx.ConnectionError("the connection did not switch back to RESP3")
+            del replies[0]
+        return replies
     except BaseException:
-        # Replies may be left unread: the connection must not go back to the pool in use.
+        # Replies may be left unread, or the connection left in RESP2: it must not be reused.
         connection.disconnect()
         raise
     finally:
@@ -117,12 +133,12 @@ def _exchange(connection, packed: bytes, count: int) -> list:
     replies = []
     while len(replies) < count:
         reply = reader.gets() if reader is not None else NOT_ENOUGH_DATA
-        if type(reply) is dict:
+        if type(reply) is list:
             replies.append(reply)
         elif reply is NOT_ENOUGH_DATA:
             try:
                 replies.append(connection.read_response())
-            except ResponseError as error:
+            except rx.ResponseError as error:
                 replies.append(error)
         elif isinstance(reply, PushNotification):
             parser.handle_push_response(reply)
@@ -220,6 +236,14 @@ class SeenKeys:
         at = bisect.bisect_left(self.merged, digest)
         return at < len(self.merged) and self.merged[at] == digest
 
+    def unseen(self, keys) -> list:
+        """Return the keys not recorded yet, each once, in their order."""
+        keys = dict.fromkeys(keys)
+        if not self.merged:
+            recent = self.recent
+            return [key for key in keys if hash(key) not in recent]
+        return [key for key in keys if key not in self]
+
     def update(self, keys) -> None:
         """Record the keys."""
         self.recent.update(map(hash, keys))
@@ -240,7 +264,7 @@ def walk(store: CustomerStore):
                 cursor = None
                 while cursor != 0:
                     cursor, keys = scan(node, cursor or 0, SCAN_COUNT)
-                    fresh = [key for key in dict.fromkeys(keys) if key not in seen]
+                    fresh = seen.unseen(keys)
                     customers = fetch(store.redis, node, fresh)
                     # Only keys whose customers are in hand count as sent.
                     seen.update(fresh)
