@@ -10,10 +10,9 @@ import logging
 import time
 from array import array
 
-from hiredis import PushNotification
 from redis import exceptions as rx
-from redis._parsers.hiredis import NOT_ENOUGH_DATA
 
+from bulk import Batch
 from storage import KEY_PREFIX, UNAVAILABLE, CustomerStore, decode
 
 log = logging.getLogger(__name__)
@@ -21,8 +20,6 @@ SCAN_COUNT = 1000
 MATCH = KEY_PREFIX + "*"
 CURSOR_VERSION = 1
 RESUME_PAUSE_SECONDS = 0.5
-HELLO_2 = b"*2\r\n$5\r\nHELLO\r\n$1\r\n2\r\n"
-HELLO_3 = b"*2\r\n$5\r\nHELLO\r\n$1\r\n3\r\n"
 
 
 class BadCursor(ValueError):
@@ -67,9 +64,15 @@ def fetch(redis, node, keys) -> list:
     """Read whole customers from one node in one round trip, skipping keys gone or retyped."""
     if not keys:
         return []
+    replies, _ = Batch(node, keys).receive()
+    return customers_of(redis, keys, replies)
+
+
+def customers_of(redis, keys: list, replies: list) -> list:
+    """Turn HGETALL replies into customers, skipping keys gone or retyped."""
     customers = []
     start = len(KEY_PREFIX)
-    for key, raw in zip(keys, hgetall_many(node, keys), strict=True):
+    for key, raw in zip(keys, replies, strict=True):
         if isinstance(raw, Exception):
             if isinstance(raw, rx.AskError):
                 # MOVED or ASK: a resharding moved the key; the cluster client follows it.
@@ -87,64 +90,9 @@ def fetch(redis, node, keys) -> list:
     return customers
 
 
-def hgetall_many(node, keys) -> list:
-    """Send HGETALL of every key in one write; return the replies, error replies as exceptions."""
-    # A redis-py pipeline costs several times the parsing itself: pack and read directly,
-    # on a connection of the node's pool (already through TLS, AUTH and HELLO).
-    packed = b"".join(b"*2\r\n$7\r\nHGETALL\r\n$%d\r\n%s\r\n" % (len(key), key)
-                      for key in map(str.encode, keys))
-    pool = node.connection_pool
-    connection = pool.get_connection()
-    try:
-        resp3 = str(connection.get_protocol()) == "3"
-        if resp3:
-            # hiredis builds RESP3's maps several times slower than RESP2's flat lists: the
-            # batch is read in RESP2, and the connection switched back before anyone else uses it.
-            packed = HELLO_2 + packed + HELLO_3
-        # A connection the server closed meanwhile is dropped and the batch sent once more,
-        # as redis-py's pipelines do (reads are safe to repeat).
-        replies = connection.retry.call_with_retry(
-            lambda: _exchange(connection, packed, len(keys) + 2 * resp3),
-            lambda error: connection.disconnect())
-        if resp3:
-            switched = replies.pop()
-            if isinstance(switched, Exception):
-                raise switched
-            if not isinstance(switched, dict):
-                raise rx.ConnectionError("the connection did not switch back to RESP3")
-            del replies[0]
-        return replies
-    except BaseException:
-        # Replies may be left unread, or the connection left in RESP2: it must not be reused.
-        connection.disconnect()
-        raise
-    finally:
-        pool.release(connection)
-
-
-def _exchange(connection, packed: bytes, count: int) -> list:
-    """Send packed commands and read count replies, error replies as exceptions."""
-    connection.send_packed_command([packed])
-    # Replies hiredis already holds are taken from its reader (redis-py internals, pinned
-    # redis 8.1): read_response per reply costs as much as parsing. Reading the socket,
-    # push messages and connection errors stay read_response's.
-    parser = connection._parser
-    reader = getattr(parser, "_reader", None)
-    replies = []
-    while len(replies) < count:
-        reply = reader.gets() if reader is not None else NOT_ENOUGH_DATA
-        if type(reply) is list:
-            replies.append(reply)
-        elif reply is NOT_ENOUGH_DATA:
-            try:
-                replies.append(connection.read_response())
-            except rx.ResponseError as error:
-                replies.append(error)
-        elif isinstance(reply, PushNotification):
-            parser.handle_push_response(reply)
-        else:
-            replies.append(reply)
-    return replies
+def scan_arguments(cursor: int, count: int) -> tuple:
+    """Return the arguments of one SCAN step for customer hashes."""
+    return cursor, "MATCH", MATCH, "COUNT", count, "TYPE", "hash"
 
 
 def scan(node, cursor: int, count: int) -> tuple[int, list]:
@@ -261,13 +209,7 @@ def walk(store: CustomerStore):
     while True:
         try:
             for node in topology(store.redis)[1]:
-                cursor = None
-                while cursor != 0:
-                    cursor, keys = scan(node, cursor or 0, SCAN_COUNT)
-                    fresh = seen.unseen(keys)
-                    customers = fetch(store.redis, node, fresh)
-                    # Only keys whose customers are in hand count as sent.
-                    seen.update(fresh)
+                for customers in _node_batches(store.redis, node, seen):
                     sent = sent or bool(customers)
                     yield from customers
             return
@@ -282,3 +224,27 @@ def walk(store: CustomerStore):
                 raise
             log.warning("listing interrupted (%s); walking again past what was sent", error)
             time.sleep(RESUME_PAUSE_SECONDS)
+
+
+def _node_batches(redis, node, seen: SeenKeys):
+    """Yield the customers of one node not in seen, a batch at a time, adding their keys to seen."""
+    cursor, keys = scan(node, 0, SCAN_COUNT)
+    batch = Batch(node, seen.unseen(keys), scan_arguments(cursor, SCAN_COUNT) if cursor else ())
+    try:
+        while batch:
+            keys, (replies, scanned) = batch.keys, batch.receive()
+            batch = None
+            if scanned:
+                # The next batch goes out before this one's customers: the node reads it while
+                # they are decoded and sent. SCAN may repeat keys of this batch, not yet in seen.
+                cursor, following = int(scanned[0]), scanned[1]
+                taken = set(keys)
+                fresh = [key for key in seen.unseen(following) if key not in taken]
+                batch = Batch(node, fresh, scan_arguments(cursor, SCAN_COUNT) if cursor else ())
+            customers = customers_of(redis, keys, replies)
+            # Only keys whose customers are in hand count as sent.
+            seen.update(keys)
+            yield customers
+    finally:
+        if batch:
+            batch.close()
