@@ -10,7 +10,7 @@ import logging
 import time
 from array import array
 
-from redis import exceptions as rx
+from redis.exceptions import AskError, ClusterError
 
 from bulk import Batch
 from storage import KEY_PREFIX, UNAVAILABLE, CustomerStore, decode
@@ -41,7 +41,7 @@ def topology(redis) -> tuple[str, list]:
         redis.nodes_manager.initialize()
     nodes = [redis.get_node(node_name=name) for name in names]
     if None in nodes:
-        raise rx.ClusterError(f"the cluster announces primaries it cannot reach: {names}")
+        raise ClusterError(f"the cluster announces primaries it cannot reach: {names}")
     return fingerprint, [redis.get_redis_connection(node) for node in nodes]
 
 
@@ -57,7 +57,7 @@ def _slot_layout(redis) -> list:
         # A node that never learnt its own address (a one-node cluster) announces no host.
         return [(start, end, primary[0] or node.host, primary[1])
                 for start, end, primary, *_ in reply]
-    raise failure or rx.ClusterError("no node of the cluster is known")
+    raise failure or ClusterError("no node of the cluster is known")
 
 
 def fetch(redis, node, keys) -> list:
@@ -74,7 +74,7 @@ def customers_of(redis, keys: list, replies: list) -> list:
     start = len(KEY_PREFIX)
     for key, raw in zip(keys, replies, strict=True):
         if isinstance(raw, Exception):
-            if isinstance(raw, rx.AskError):
+            if isinstance(raw, AskError):
                 # MOVED or ASK: a resharding moved the key; the cluster client follows it.
                 raw = redis.hgetall(key)
             elif "WRONGTYPE" in str(raw):
