@@ -34,7 +34,11 @@ class Batch:
             self.packed = b"".join(packed)
             self.scans = bool(scan)
             self.count = len(keys) + self.scans + 2 * self.resp3
-            self.connection.send_packed_command([self.packed])
+            try:
+                self.connection.send_packed_command([self.packed])
+            except (rx.ConnectionError, rx.TimeoutError):
+                # Once more on a new connection, as redis-py's pipelines do (see receive).
+                self.connection.send_packed_command([self.packed])
         except BaseException:
             self.close()
             raise
