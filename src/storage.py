@@ -115,6 +115,7 @@ def _typed(text: str, kind: str | None):
 def decode(customer_id: str, raw: dict) -> dict:
     """Turn a stored hash into the customer's JSON object."""
     customer = {"id": customer_id, **raw}
+    # A stored "id" field is ignored: the key names the customer.
     customer["id"] = customer_id
     for marker in [name for name in raw if name.startswith(TYPE_PREFIX)]:
         del customer[marker]
