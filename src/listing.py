@@ -12,6 +12,7 @@ from array import array
 
 from redis.exceptions import AskError, ClusterError
 
+from bulk import Batch
 from storage import KEY_PREFIX, UNAVAILABLE, CustomerStore, decode
 
 log = logging.getLogger(__name__)
@@ -60,22 +61,38 @@ def _slot_layout(redis) -> list:
 
 
 def fetch(redis, node, keys) -> list:
-    """Read whole customers from one node in one pipeline, skipping keys gone or retyped."""
+    """Read whole customers from one node in one round trip, skipping keys gone or retyped."""
     if not keys:
         return []
-    pipe = node.pipeline(transaction=False)
-    for key in keys:
-        pipe.hgetall(key)
+    replies, _ = Batch(node, keys).receive()
+    return customers_of(redis, keys, replies)
+
+
+def customers_of(redis, keys: list, replies: list) -> list:
+    """Turn HGETALL replies into customers, skipping keys gone or retyped."""
     customers = []
-    for key, raw in zip(keys, pipe.execute(raise_on_error=False), strict=True):
-        if isinstance(raw, AskError):
-            # MOVED or ASK: a resharding moved the key; the cluster client follows it.
-            raw = redis.hgetall(key)
-        if isinstance(raw, Exception) and "WRONGTYPE" not in str(raw):
-            raise raw
-        if isinstance(raw, dict) and raw:
-            customers.append(decode(key[len(KEY_PREFIX):], raw))
+    start = len(KEY_PREFIX)
+    for key, raw in zip(keys, replies, strict=True):
+        if isinstance(raw, Exception):
+            if isinstance(raw, AskError):
+                # MOVED or ASK: a resharding moved the key; the cluster client follows it.
+                raw = redis.hgetall(key)
+            elif "WRONGTYPE" in str(raw):
+                continue
+            else:
+                raise raw
+        elif type(raw) is list:
+            # RESP2 sends a hash as a flat list of names and values.
+            pairs = iter(raw)
+            raw = dict(zip(pairs, pairs, strict=True))
+        if raw:
+            customers.append(decode(key[start:], raw))
     return customers
+
+
+def scan_arguments(cursor: int, count: int) -> tuple:
+    """Return the arguments of one SCAN step for customer hashes."""
+    return cursor, "MATCH", MATCH, "COUNT", count, "TYPE", "hash"
 
 
 def scan(node, cursor: int, count: int) -> tuple[int, list]:
@@ -167,6 +184,14 @@ class SeenKeys:
         at = bisect.bisect_left(self.merged, digest)
         return at < len(self.merged) and self.merged[at] == digest
 
+    def unseen(self, keys) -> list:
+        """Return the keys not recorded yet, each once, in their order."""
+        keys = dict.fromkeys(keys)
+        if not self.merged:
+            recent = self.recent
+            return [key for key in keys if hash(key) not in recent]
+        return [key for key in keys if key not in self]
+
     def update(self, keys) -> None:
         """Record the keys."""
         self.recent.update(map(hash, keys))
@@ -184,13 +209,7 @@ def walk(store: CustomerStore):
     while True:
         try:
             for node in topology(store.redis)[1]:
-                cursor = None
-                while cursor != 0:
-                    cursor, keys = scan(node, cursor or 0, SCAN_COUNT)
-                    fresh = [key for key in dict.fromkeys(keys) if key not in seen]
-                    customers = fetch(store.redis, node, fresh)
-                    # Only keys whose customers are in hand count as sent.
-                    seen.update(fresh)
+                for customers in _node_batches(store.redis, node, seen):
                     sent = sent or bool(customers)
                     yield from customers
             return
@@ -205,3 +224,27 @@ def walk(store: CustomerStore):
                 raise
             log.warning("listing interrupted (%s); walking again past what was sent", error)
             time.sleep(RESUME_PAUSE_SECONDS)
+
+
+def _node_batches(redis, node, seen: SeenKeys):
+    """Yield the customers of one node not in seen, a batch at a time, adding their keys to seen."""
+    cursor, keys = scan(node, 0, SCAN_COUNT)
+    batch = Batch(node, seen.unseen(keys), scan_arguments(cursor, SCAN_COUNT) if cursor else ())
+    try:
+        while batch:
+            keys, (replies, scanned) = batch.keys, batch.receive()
+            batch = None
+            if scanned:
+                # The next batch goes out before this one's customers: the node reads it while
+                # they are decoded and sent. SCAN may repeat keys of this batch, not yet in seen.
+                cursor, following = int(scanned[0]), scanned[1]
+                taken = set(keys)
+                fresh = [key for key in seen.unseen(following) if key not in taken]
+                batch = Batch(node, fresh, scan_arguments(cursor, SCAN_COUNT) if cursor else ())
+            customers = customers_of(redis, keys, replies)
+            # Only keys whose customers are in hand count as sent.
+            seen.update(keys)
+            yield customers
+    finally:
+        if batch:
+            batch.close()

@@ -26,6 +26,7 @@ from storage import UNAVAILABLE, CustomerStore, NotACustomer, NothingLeft, Preco
 
 log = logging.getLogger("customers")
 STREAM_CHUNK_BYTES = 64 * 1024
+STREAM_BATCH = 100
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 
@@ -79,6 +80,16 @@ def json_response(item, status: int = 200, headers: dict | None = None) -> Respo
     return Response(dumps(item) + b"\n", status, headers, mimetype="application/json")
 
 
+def dumps_more(items: list) -> bytes:
+    """Encode items as members that follow others in a JSON array: a comma before each."""
+    if not items:
+        return b""
+    try:
+        return b"," + orjson.dumps(items)[1:-1]
+    except orjson.JSONEncodeError:
+        return b"".join(b"," + dumps(item) for item in items)
+
+
 def stream_json_array(items) -> Response:
     """Answer with a JSON array written as the items arrive, never held whole in memory."""
     items = iter(items)
@@ -91,24 +102,29 @@ def stream_json_array(items) -> Response:
             return
         # The first customer goes out at once: the status line is sent, and the client starts.
         yield b"[" + dumps(first)
-        buffer, size, count = [], 0, 1
+        buffer, size, count, batch = [], 0, 1, []
         try:
             for item in items:
-                text = dumps(item)
-                buffer += [b",", text]
-                size += len(text)
-                count += 1
-                if size >= STREAM_CHUNK_BYTES:
-                    yield b"".join(buffer)
-                    buffer, size = [], 0
+                # orjson encodes a list of items in far less time than each item alone.
+                batch.append(item)
+                if len(batch) == STREAM_BATCH:
+                    text = dumps_more(batch)
+                    buffer.append(text)
+                    size += len(text)
+                    count += len(batch)
+                    batch = []
+                    if size >= STREAM_CHUNK_BYTES:
+                        yield b"".join(buffer)
+                        buffer, size = [], 0
         except UNAVAILABLE as error:
             # Too late for a 503: end the body with the array unclosed, which no JSON parser
             # takes for a whole list, rather than pass for complete.
-            log.warning("list cut short after %d customers: %s: %s", count,
+            log.warning("list cut short after %d customers: %s: %s", count + len(batch),
                         type(error).__name__, error)
+            buffer.append(dumps_more(batch))
             yield b"".join(buffer)
             return
-        buffer.append(b"]\n")
+        buffer += [dumps_more(batch), b"]\n"]
         yield b"".join(buffer)
 
     return Response(chunks(), mimetype="application/json")

@@ -116,10 +116,14 @@ def _typed(text: str, kind: str | None):
 
 def decode(customer_id: str, raw: dict) -> dict:
     """Turn a stored hash into the customer's JSON object."""
-    customer = {"id": customer_id}
-    for name, text in raw.items():
-        if not name.startswith(TYPE_PREFIX) and name != "id":
-            customer[name] = _typed(text, raw.get(TYPE_PREFIX + name))
+    customer = {"id": customer_id, **raw}
+    # A stored "id" field is ignored: the key names the customer.
+    customer["id"] = customer_id
+    for marker in [name for name in raw if name.startswith(TYPE_PREFIX)]:
+        del customer[marker]
+        name = marker[len(TYPE_PREFIX):]
+        if name in customer and name != "id":
+            customer[name] = _typed(customer[name], raw[marker])
     return customer
 
 

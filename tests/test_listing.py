@@ -11,8 +11,8 @@ import redis
 from flask import Flask
 
 from conftest import cluster_config
-from database import connect
-from listing import topology, walk
+from database import connect, primary_of
+from listing import fetch, topology, walk
 from local_cluster import LocalCluster
 from server import create_app, stream_json_array
 from storage import CustomerStore
@@ -86,6 +86,44 @@ def test_streaming_returns_the_same_customers_as_paging(client, redis_client):
     listed = [customer["id"] for customer in streamed.get_json()]
     assert len(listed) == len(set(listed)) == 2100
     assert set(listed) == set(walk_pages(client, 250))
+
+
+@pytest.mark.cluster
+def test_fetch_follows_a_moved_key_and_skips_keys_gone_or_retyped(redis_cluster):
+    redis_cluster.flush()
+    redis_client = connect(cluster_config(redis_cluster))
+    try:
+        redis_client.hset("customer:a", mapping={"name": "A", "n": "1", "_type:n": "int"})
+        redis_client.set("customer:text", "not a hash")
+        home, other = primary_of(redis_client, "customer:a"), primary_of(redis_client, "customer:b")
+        if other.connection_pool is home.connection_pool:
+            other = primary_of(redis_client, "customer:c")
+        assert other.connection_pool is not home.connection_pool
+        customer = {"id": "a", "name": "A", "n": 1}
+        assert fetch(redis_client, other, ["customer:a"]) == [customer]
+        text_home = primary_of(redis_client, "customer:text")
+        assert fetch(redis_client, text_home, ["customer:text", "customer:gone"]) == []
+        assert fetch(redis_client, home, ["customer:a"]) == [customer]
+        # The connection the batch used is back in the pool, speaking RESP3 again.
+        assert home.hgetall("customer:a") == {"name": "A", "n": "1", "_type:n": "int"}
+    finally:
+        redis_client.close()
+
+
+@pytest.mark.cluster
+def test_a_walk_abandoned_midway_gives_its_connections_back(redis_cluster):
+    redis_cluster.flush()
+    redis_client = connect(cluster_config(redis_cluster), max_connections=2)
+    try:
+        stored = add_customers(redis_client, 3000)
+        store = CustomerStore(redis_client)
+        for _ in range(5):
+            customers = walk(store)
+            next(customers)
+            customers.close()
+        assert {customer["id"] for customer in walk(store)} == stored
+    finally:
+        redis_client.close()
 
 
 @pytest.mark.parametrize("query", [
