@@ -1,19 +1,14 @@
 """Read many hashes from one Redis node in one round trip, beneath redis-py's pipelines.
 
 A redis-py pipeline costs several times the parsing of its replies: here the commands are
-packed by hand and written at once on a connection of the node's own pool (so TLS, AUTH and
-HELLO are done), and the replies taken from its hiredis reader. Only HELLO, HGETALL and SCAN
-are sent, all within the service's least-privilege ACL. Pinned redis 8.1 is what is tested.
+packed by hand and written at once on a connection of the node's own pool (so TLS and AUTH
+are done), and the replies taken from its hiredis reader. Only HGETALL and SCAN are sent,
+both within the service's least-privilege ACL. Pinned redis 8.1 is what is tested.
 """
 
 from hiredis import PushNotification
 from redis import exceptions as rx
 from redis._parsers.hiredis import NOT_ENOUGH_DATA
-
-# hiredis builds RESP3's maps several times slower than RESP2's flat lists: a batch is read in
-# RESP2, and the connection switched back to RESP3 before anything else uses it.
-HELLO_2 = b"*2\r\n$5\r\nHELLO\r\n$1\r\n2\r\n"
-HELLO_3 = b"*2\r\n$5\r\nHELLO\r\n$1\r\n3\r\n"
 
 
 class Batch:
@@ -24,16 +19,13 @@ class Batch:
         self.keys = keys
         self.connection = self.pool.get_connection()
         try:
-            self.resp3 = str(self.connection.get_protocol()) == "3"
             packed = [b"*2\r\n$7\r\nHGETALL\r\n$%d\r\n%s\r\n" % (len(key), key)
                       for key in map(str.encode, keys)]
             if scan:
                 packed += self.connection.pack_command("SCAN", *scan)
-            if self.resp3:
-                packed = [HELLO_2, *packed, HELLO_3]
             self.packed = b"".join(packed)
             self.scans = bool(scan)
-            self.count = len(keys) + self.scans + 2 * self.resp3
+            self.count = len(keys) + self.scans
             try:
                 self.connection.send_packed_command([self.packed])
             except (rx.ConnectionError, rx.TimeoutError):
@@ -55,15 +47,8 @@ class Batch:
                 connection.disconnect()
                 connection.send_packed_command([self.packed])
                 replies = _read(connection, self.count)
-            if self.resp3:
-                switched = replies.pop()
-                if isinstance(switched, Exception):
-                    raise switched
-                if not isinstance(switched, dict):
-                    raise rx.ConnectionError("the connection did not switch back to RESP3")
-                del replies[0]
         except BaseException:
-            # Replies may be left unread, or the connection left in RESP2: it must not be reused.
+            # Replies may be left unread: the connection must not be reused.
             connection.disconnect()
             raise
         finally:

@@ -104,7 +104,7 @@ def test_fetch_follows_a_moved_key_and_skips_keys_gone_or_retyped(redis_cluster)
         text_home = primary_of(redis_client, "customer:text")
         assert fetch(redis_client, text_home, ["customer:text", "customer:gone"]) == []
         assert fetch(redis_client, home, ["customer:a"]) == [customer]
-        # The connection the batch used is back in the pool, speaking RESP3 again.
+        # The connection the batch used is back in the pool, and serves the next command.
         assert home.hgetall("customer:a") == {"name": "A", "n": "1", "_type:n": "int"}
     finally:
         redis_client.close()
