@@ -1,5 +1,6 @@
 """With no database configured, the service runs its own durable Redis."""
 
+import http.client
 import json
 import socket
 import subprocess
@@ -49,6 +50,25 @@ def test_the_embedded_database_is_a_cluster_with_an_append_only_file(tmp_path):
 def test_server_py_runs_from_the_src_folder_as_in_the_original(tmp_path):
     with ServiceProcess(embedded_env(tmp_path), cwd=SERVER.parent) as service:
         assert call(service.url + "/customers")[0] == 200
+
+
+def test_kept_alive_connections_beyond_the_threads_are_all_served(tmp_path):
+    # The HTTP server must not give each open connection a thread (or a place it keeps
+    # while idle): clients with more connections than threads would wait for ever.
+    with ServiceProcess({**embedded_env(tmp_path), "THREADS": "1"}) as service:
+        connections = [http.client.HTTPConnection("127.0.0.1", service.port, timeout=10)
+                       for _ in range(4)]
+        try:
+            for _ in range(2):
+                for connection in connections:
+                    connection.request("GET", "/healthz")
+                    response = connection.getresponse()
+                    response.read()
+                    assert response.status == 200
+                    assert not response.will_close
+        finally:
+            for connection in connections:
+                connection.close()
 
 
 @pytest.mark.parametrize("request_bytes", [
