@@ -1,6 +1,10 @@
 """Serve the app with granian: HTTP in Rust, the app in Python threads of worker processes."""
 
+import ctypes
 import multiprocessing
+import os
+import signal
+import sys
 
 from granian.constants import HTTPModes, Interfaces
 from granian.server import Server
@@ -18,11 +22,21 @@ def pool_size(config) -> int:
     return config.threads + 4
 
 
+def _worker_app(factory, parent: int):
+    """Build the app in a worker, which is sent SIGTERM when the main process dies (kill -9)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1 is PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the main process died before that line
+        sys.exit(1)
+    return factory()
+
+
 def serve(factory, config) -> None:
     """Serve the app built by factory until SIGTERM or SIGINT, then drain and return."""
     # The workers are forked so that each builds its own app and connections from factory,
     # which need not be picklable (Python 3.14 would otherwise start them another way).
     multiprocessing.set_start_method("fork", force=True)
+    parent = os.getpid()
     Server(
         "customers-service",
         address=config.host,
@@ -37,4 +51,4 @@ def serve(factory, config) -> None:
         workers_kill_timeout=20,
         log_level=config.log_level.lower(),
         log_dictconfig=request_log.granian_settings(config.log_level, config.log_format),
-    ).serve(target_loader=lambda _target: factory())
+    ).serve(target_loader=lambda _target: _worker_app(factory, parent))

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 
 from http_client import call
@@ -112,8 +113,11 @@ def test_the_embedded_database_stops_cleanly_even_when_the_service_is_killed(tmp
     env = embedded_env(tmp_path)
     service = ServiceProcess(env).start()
     call(service.url + "/customers/1", "PUT", {"name": "Joe"})
+    children = psutil.Process(service.process.pid).children()
     service.process.kill()
     service.stop()
+    # The workers and the embedded Redis go too: none is left holding the port or the data.
+    assert not psutil.wait_procs(children, timeout=15)[1]
     log = tmp_path / "data" / "redis.log"
     deadline = time.monotonic() + 15
     while "ready to exit" not in log.read_text() and time.monotonic() < deadline:
