@@ -32,21 +32,17 @@ def configure(level: str, log_format: str) -> None:
     logging.basicConfig(level=level, handlers=[handler(log_format)], force=True)
 
 
-def gunicorn_settings(level: str, log_format: str) -> dict:
-    """Return gunicorn settings that make its own lines JSON too when the format is json."""
-    if log_format != "json":
-        return {}
-    return {"logconfig_dict": {
+def granian_settings(level: str, log_format: str) -> dict:
+    """Return granian's logging configuration: its own lines go out as ours do, text or JSON."""
+    return {
         "version": 1,
         "disable_existing_loggers": False,
-        "formatters": {"json": {"()": JsonFormatter, "fmt": JSON_FIELDS,
-                                "rename_fields": JSON_NAMES}},
-        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json",
-                                "stream": "ext://sys.stderr"}},
+        "formatters": {},
+        "handlers": {"stderr": {"()": handler, "log_format": log_format}},
         "root": {"level": level, "handlers": ["stderr"]},
-        "loggers": {"gunicorn.error": {"level": level, "handlers": ["stderr"],
-                                       "propagate": False}},
-    }}
+        # granian's lines (its Rust side's too) are on "_granian"; its access log stays off.
+        "loggers": {"_granian": {"level": level}},
+    }
 
 
 def _printable(text: str) -> str:

@@ -1,42 +1,20 @@
-"""Serve the app with gunicorn's threaded workers."""
+"""Serve the app with granian: HTTP in Rust, the app in Python threads of worker processes."""
 
-import json
+import ctypes
+import multiprocessing
+import os
+import signal
+import sys
 
-from gunicorn import util
-from gunicorn.app.base import BaseApplication
+from granian.constants import HTTPModes, Interfaces
+from granian.server import Server
 
 import request_log
 
-
-def write_json_error(sock, status: int, reason: str, message: str) -> None:
-    """Answer a request gunicorn could not parse with the service's JSON error shape."""
-    body = json.dumps({"message": f"{reason}: {message}" if message else reason}) + "\n"
-    head = (f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
-    util.write_nonblock(sock, (head + body).encode("latin-1"))
-
-
-# gunicorn answers a request that never reaches the app (a malformed request line or
-# header) with an HTML page of its own; the service's clients get JSON for everything.
-util.write_error = write_json_error
-
-
-class Server(BaseApplication):
-    """Gunicorn, configured from our settings rather than its command line."""
-
-    def __init__(self, factory, options: dict):
-        self.factory = factory
-        self.options = options
-        super().__init__()
-
-    def load_config(self):
-        """Apply the options to gunicorn's settings."""
-        for name, value in self.options.items():
-            self.cfg.set(name, value)
-
-    def load(self):
-        """Build the app inside each worker, after the fork, so each has its own connections."""
-        return self.factory()
+# Connections a worker takes before it leaves new ones in the listen queue. It counts
+# connections, not requests: a kept-alive connection holds its place while it is idle, so
+# it must stay well above the clients' connections (granian's own default: 1024 / workers).
+CONNECTIONS_PER_WORKER = 512
 
 
 def pool_size(config) -> int:
@@ -44,16 +22,33 @@ def pool_size(config) -> int:
     return config.threads + 4
 
 
+def _worker_app(factory, parent: int):
+    """Build the app in a worker, which is sent SIGTERM when the main process dies (kill -9)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1 is PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the main process died before that line
+        sys.exit(1)
+    return factory()
+
+
 def serve(factory, config) -> None:
     """Serve the app built by factory until SIGTERM or SIGINT, then drain and return."""
-    Server(factory, {
-        "bind": f"{config.host}:{config.port}",
-        "workers": config.workers,
-        "threads": config.threads,
-        "worker_class": "gthread",
-        "graceful_timeout": 20,
-        "timeout": 60,
-        "loglevel": config.log_level.lower(),
-        "control_socket_disable": True,
-        **request_log.gunicorn_settings(config.log_level, config.log_format),
-    }).run()
+    # The workers are forked so that each builds its own app and connections from factory,
+    # which need not be picklable (Python 3.14 would otherwise start them another way).
+    multiprocessing.set_start_method("fork", force=True)
+    parent = os.getpid()
+    Server(
+        "customers-service",
+        address=config.host,
+        port=config.port,
+        interface=Interfaces.WSGI,
+        http=HTTPModes.http1,
+        websockets=False,
+        workers=config.workers,
+        blocking_threads=config.threads,
+        backpressure=CONNECTIONS_PER_WORKER,
+        respawn_failed_workers=True,
+        workers_kill_timeout=20,
+        log_level=config.log_level.lower(),
+        log_dictconfig=request_log.granian_settings(config.log_level, config.log_format),
+    ).serve(target_loader=lambda _target: _worker_app(factory, parent))

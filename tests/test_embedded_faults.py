@@ -69,7 +69,7 @@ def test_sigterm_lets_requests_in_flight_finish_then_exits_0_and_stops_redis(tmp
             sender.start()
         wait_until(lambda: requests_read_by(service.port) >= 3, timeout=20)
         service.process.send_signal(signal.SIGTERM)
-        wait_until(lambda: "Handling signal: term" in service.output(), timeout=20)
+        wait_until(lambda: "Shutting down granian" in service.output(), timeout=20)
         assert service.process.poll() is None
     finally:
         os.kill(database, signal.SIGCONT)
