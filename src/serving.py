@@ -17,6 +17,22 @@ import request_log
 CONNECTIONS_PER_WORKER = 512
 
 
+# granian gives each request the process environment besides the request's own keys (PEP 3333
+# allows it): a variable named like a header would pass for one the client sent (httpoxy), and
+# the secrets would sit in every request. A worker drops them once its app holds its config.
+REQUEST_NAMES = frozenset({"CONTENT_TYPE", "CONTENT_LENGTH", "REQUEST_METHOD", "SCRIPT_NAME",
+                           "PATH_INFO", "QUERY_STRING", "REMOTE_ADDR", "REMOTE_PORT",
+                           "SERVER_NAME", "SERVER_PORT", "SERVER_PROTOCOL"})
+SECRET_NAMES = frozenset({"DBPASSWORD", "DB_PASSWORD", "API_TOKENS"})
+
+
+def scrub_environment(environ=os.environ) -> None:
+    """Remove the variables that a request's environ must not inherit."""
+    for name in list(environ):
+        if name.startswith("HTTP_") or name in REQUEST_NAMES or name in SECRET_NAMES:
+            del environ[name]
+
+
 def pool_size(config) -> int:
     """Return the Redis connections per node a worker needs: one per thread, and spare ones."""
     return config.threads + 4
@@ -28,7 +44,9 @@ def _worker_app(factory, parent: int):
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1 is PR_SET_PDEATHSIG
     if os.getppid() != parent:  # the main process died before that line
         sys.exit(1)
-    return factory()
+    app = factory()
+    scrub_environment()
+    return app
 
 
 def serve(factory, config) -> None:

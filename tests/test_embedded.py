@@ -72,6 +72,16 @@ def test_kept_alive_connections_beyond_the_threads_are_all_served(tmp_path):
                 connection.close()
 
 
+def test_the_process_environment_never_passes_for_request_headers(tmp_path):
+    # granian puts the process environment in every request's environ (httpoxy's trap).
+    env = {**embedded_env(tmp_path), "API_TOKENS": "s3cret-token-0123",
+           "HTTP_AUTHORIZATION": "Bearer s3cret-token-0123", "HTTP_X_REQUEST_ID": "from-env"}
+    with ServiceProcess(env) as service:
+        status, headers, body = call(service.url + "/customers")
+    assert status == 401
+    assert headers["X-Request-ID"] != "from-env"
+
+
 @pytest.mark.parametrize("request_bytes", [
     b"GET /customers HTTP/1.1\r\nHost: x\r\nX-Bad: a\x00b\r\n\r\n",
     b"NOT A REQUEST LINE\r\n\r\n",
