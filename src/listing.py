@@ -81,10 +81,6 @@ def customers_of(redis, keys: list, replies: list) -> list:
                 continue
             else:
                 raise raw
-        elif type(raw) is list:
-            # RESP2 sends a hash as a flat list of names and values.
-            pairs = iter(raw)
-            raw = dict(zip(pairs, pairs, strict=True))
         if raw:
             customers.append(decode(key[start:], raw))
     return customers

@@ -114,16 +114,22 @@ def _typed(text: str, kind: str | None):
     return text
 
 
-def decode(customer_id: str, raw: dict) -> dict:
-    """Turn a stored hash into the customer's JSON object."""
-    customer = {"id": customer_id, **raw}
+def decode(customer_id: str, raw) -> dict:
+    """Turn a stored hash (a dict, or RESP2's flat list of names and values) into the customer."""
+    if type(raw) is list:
+        names, values = raw[::2], raw[1::2]
+    else:
+        names, values = list(raw), list(raw.values())
+    customer = {"id": customer_id}
+    customer.update(zip(names, values, strict=True))
+    for name in names:
+        if name[:1] == "_" and name.startswith(TYPE_PREFIX):
+            kind = customer.pop(name)
+            field = name[len(TYPE_PREFIX):]
+            if field in customer and field != "id":
+                customer[field] = _typed(customer[field], kind)
     # A stored "id" field is ignored: the key names the customer.
     customer["id"] = customer_id
-    for marker in [name for name in raw if name.startswith(TYPE_PREFIX)]:
-        del customer[marker]
-        name = marker[len(TYPE_PREFIX):]
-        if name in customer and name != "id":
-            customer[name] = _typed(customer[name], raw[marker])
     return customer
 
 
@@ -192,8 +198,6 @@ class CustomerStore:
         key = customer_key(customer_id)
         try:
             raw = on_primary(self.redis, key, "HGETALL", key)
-            if isinstance(raw, list):  # RESP2: field, value, field, value...
-                raw = dict(zip(raw[::2], raw[1::2], strict=True))
         except rx.ResponseError as error:
             if str(error).startswith("WRONGTYPE"):
                 return None
