@@ -72,7 +72,7 @@ def dumps(item) -> bytes:
     try:
         return orjson.dumps(item)
     except orjson.JSONEncodeError:
-        return json.dumps(item).encode()
+        return json.dumps(item, separators=(",", ":")).encode()
 
 
 def json_response(item, status: int = 200, headers: dict | None = None) -> Response:
