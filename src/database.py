@@ -124,13 +124,11 @@ def is_transient(error: BaseException) -> bool:
     return isinstance(error, TRANSIENT + (ReplicasBehind,))
 
 
-def _refresh_topology(redis):
-    """Return a tenacity hook that relearns the cluster's slots before the next attempt."""
-    def refresh(state):
-        log.debug("database call failed (%s); retrying", state.outcome.exception())
-        if isinstance(redis, LazyCluster):
-            redis.refresh()
-    return refresh
+def _relearn(redis, error: BaseException) -> None:
+    """Relearn the cluster's slots before the next attempt of a call that failed with error."""
+    log.debug("database call failed (%s); retrying", error)
+    if isinstance(redis, LazyCluster):
+        redis.refresh()
 
 
 class Retrying:
@@ -144,11 +142,11 @@ class Retrying:
         self.down = threading.Event()
         self.seconds = seconds
         self._redis = redis
+        # Its stop, what remains of `seconds` after the first attempt, is set per call.
         self._policy = tenacity.Retrying(
             retry=tenacity.retry_if_exception(is_transient),
-            stop=tenacity.stop_before_delay(seconds) | tenacity.stop_when_event_set(self.down),
             wait=tenacity.wait_exponential_jitter(multiplier=0.05, max=1.0, jitter=0.1),
-            before_sleep=_refresh_topology(redis),
+            before_sleep=lambda state: _relearn(redis, state.outcome.exception()),
             reraise=True,
         )
 
@@ -174,9 +172,7 @@ class Retrying:
         if remaining <= 0:
             self._went_down(error)
             raise error
-        log.debug("database call failed (%s); retrying", error)
-        if isinstance(self._redis, LazyCluster):
-            self._redis.refresh()
+        _relearn(self._redis, error)
         time.sleep(FIRST_BACKOFF_SECONDS * (1 + random.random()))
         policy = self._policy.copy(
             stop=tenacity.stop_before_delay(remaining) | tenacity.stop_when_event_set(self.down))
@@ -223,18 +219,18 @@ def on_primary(redis, key: str, *command):
     try:
         connection.send_command(*command)
         reply = connection.read_response()
-    except rx.AskError:
-        pool.release(connection)
-        return redis.execute_command(*command)
-    except rx.ResponseError:
-        pool.release(connection)
-        raise
+    except rx.ResponseError as error:
+        reply = error  # a whole reply: the connection can serve the next command
     except BaseException:
         # A reply may still be on its way: the connection must not serve another command.
         connection.disconnect()
-        pool.release(connection)
         raise
-    pool.release(connection)
+    finally:
+        pool.release(connection)
+    if isinstance(reply, rx.AskError):
+        return redis.execute_command(*command)
+    if isinstance(reply, rx.ResponseError):
+        raise reply
     return reply
 
 

@@ -9,12 +9,13 @@ def tagged(customer: dict) -> Response:
     """Answer with a customer and its strong ETag, or 304 when If-None-Match already has it."""
     body = canonical(customer)
     etag = fingerprint(body)
+    headers = {"ETag": f'"{etag}"'}
     # If-None-Match compares weakly (RFC 9110 13.1.2).
     if request.if_none_match.contains_weak(etag):
-        response = Response(status=304, headers={"ETag": f'"{etag}"'})
+        response = Response(status=304, headers=headers)
         del response.headers["Content-Type"]
         return response
-    return Response(body + b"\n", mimetype="application/json", headers={"ETag": f'"{etag}"'})
+    return Response(body + b"\n", mimetype="application/json", headers=headers)
 
 
 def write_condition():

@@ -2,7 +2,6 @@
 
 import contextlib
 import dataclasses
-import json
 import logging
 import sys
 
@@ -22,7 +21,7 @@ import validation
 from database import connect
 from embedded import EmbeddedError, EmbeddedRedis, find_redis_server
 from settings import Config, ConfigError, load_config
-from storage import UNAVAILABLE, CustomerStore, NotACustomer, NothingLeft, PreconditionFailed
+from storage import UNAVAILABLE, CustomerStore, NotACustomer, NothingLeft, PreconditionFailed, dumps
 
 log = logging.getLogger("customers")
 STREAM_CHUNK_BYTES = 64 * 1024
@@ -65,14 +64,6 @@ def page_arguments() -> tuple[int, str | None] | None:
     if cursor == "":
         errors.fail(400, "cursor must be the one from a Link header of this service")
     return int(limit), cursor
-
-
-def dumps(item) -> bytes:
-    """Encode one item as JSON: orjson's speed, json's range (integers beyond 64 bits)."""
-    try:
-        return orjson.dumps(item)
-    except orjson.JSONEncodeError:
-        return json.dumps(item, separators=(",", ":")).encode()
 
 
 def json_response(item, status: int = 200, headers: dict | None = None) -> Response:

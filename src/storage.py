@@ -133,13 +133,17 @@ def decode(customer_id: str, raw) -> dict:
     return customer
 
 
+def dumps(item) -> bytes:
+    """Encode as compact JSON: orjson's speed, json's range (integers beyond 64 bits)."""
+    try:
+        return orjson.dumps(item)
+    except orjson.JSONEncodeError:
+        return json.dumps(item, separators=(",", ":")).encode()
+
+
 def canonical(customer: dict) -> bytes:
     """Return a customer as JSON, id first, other fields sorted: equal content, equal bytes."""
-    ordered = {"id": customer["id"], **dict(sorted(customer.items()))}
-    try:
-        return orjson.dumps(ordered)
-    except orjson.JSONEncodeError:  # integers beyond 64 bits
-        return json.dumps(ordered, separators=(",", ":")).encode()
+    return dumps({"id": customer["id"], **dict(sorted(customer.items()))})
 
 
 def fingerprint(text: bytes) -> str:
@@ -152,12 +156,17 @@ def version(customer: dict) -> str:
     return fingerprint(canonical(customer))
 
 
+def flat(pairs: dict) -> list:
+    """Return name, value, name, value...: the arguments HSET takes."""
+    return [part for pair in pairs.items() for part in pair]
+
+
 def merge_commands(key: str, fields: dict) -> list:
     """Return the HSET and HDEL commands that merge fields into a customer's hash."""
     to_set, to_delete = encode(fields)
     commands = []
     if to_set:
-        commands.append(("HSET", key, *(part for pair in to_set.items() for part in pair)))
+        commands.append(("HSET", key, *flat(to_set)))
     if to_delete:
         commands.append(("HDEL", key, *to_delete))
     return commands
@@ -220,9 +229,8 @@ class CustomerStore:
     @retried
     def _create(self, customer_id: str, to_set: dict) -> None:
         """Write the fields of a new customer."""
-        pairs = [part for item in to_set.items() for part in item]
         key = customer_key(customer_id)
-        on_primary(self.redis, key, "HSET", key, *pairs)
+        on_primary(self.redis, key, "HSET", key, *flat(to_set))
 
     @retried
     def merge(self, customer_id: str, fields: dict) -> None:
@@ -233,8 +241,7 @@ class CustomerStore:
                 self._write(key, merge_commands(key, fields))
             else:
                 to_set, to_delete = encode(fields)
-                pairs = [part for item in to_set.items() for part in item]
-                command = ("EVALSHA", MERGE_SHA, 1, key, len(to_set), *pairs, *to_delete)
+                command = ("EVALSHA", MERGE_SHA, 1, key, len(to_set), *flat(to_set), *to_delete)
                 try:
                     on_primary(self.redis, key, *command)
                 except rx.NoScriptError:
