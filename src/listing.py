@@ -198,7 +198,7 @@ class SeenKeys:
 
 
 def walk(store: CustomerStore):
-    """Yield every customer once; after an outage mid-walk, walk again skipping those sent."""
+    """Yield every customer once, in batches; after an outage, walk again past those sent."""
     seen = SeenKeys()
     sent = False
     deadline = None
@@ -207,7 +207,7 @@ def walk(store: CustomerStore):
             for node in topology(store.redis)[1]:
                 for customers in _node_batches(store.redis, node, seen):
                     sent = sent or bool(customers)
-                    yield from customers
+                    yield customers
             return
         except UNAVAILABLE as error:
             # Before the first customer the caller can still answer 503; after it, resume.

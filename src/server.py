@@ -25,7 +25,6 @@ from storage import UNAVAILABLE, CustomerStore, NotACustomer, NothingLeft, Preco
 
 log = logging.getLogger("customers")
 STREAM_CHUNK_BYTES = 64 * 1024
-STREAM_BATCH = 100
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 
@@ -71,51 +70,45 @@ def json_response(item, status: int = 200, headers: dict | None = None) -> Respo
     return Response(dumps(item) + b"\n", status, headers, mimetype="application/json")
 
 
-def dumps_more(items: list) -> bytes:
-    """Encode items as members that follow others in a JSON array: a comma before each."""
-    if not items:
-        return b""
+def members(items: list) -> bytes:
+    """Encode items as the members of a JSON array, without its brackets."""
     try:
-        return b"," + orjson.dumps(items)[1:-1]
+        # orjson encodes a list of items in far less time than each item alone.
+        return orjson.dumps(items)[1:-1]
     except orjson.JSONEncodeError:
-        return b"".join(b"," + dumps(item) for item in items)
+        return b",".join(dumps(item) for item in items)
 
 
-def stream_json_array(items) -> Response:
-    """Answer with a JSON array written as the items arrive, never held whole in memory."""
-    items = iter(items)
-    # Reading the first item before answering turns an outage at the start into a 503.
-    first = next(items, None)
+def stream_json_array(batches) -> Response:
+    """Answer with a JSON array of the items of each batch, written as the batches arrive."""
+    batches = (batch for batch in batches if batch)
+    # Reading the first batch before answering turns an outage at the start into a 503.
+    first = next(batches, None)
 
     def chunks():
         if first is None:
             yield b"[]\n"
             return
-        # The first customer goes out at once: the status line is sent, and the client starts.
-        yield b"[" + dumps(first)
-        buffer, size, count, batch = [], 0, 1, []
+        # The first batch goes out at once: the status line is sent, and the client starts.
+        yield b"[" + members(first)
+        buffer, size, count = [], 0, len(first)
         try:
-            for item in items:
-                # orjson encodes a list of items in far less time than each item alone.
-                batch.append(item)
-                if len(batch) == STREAM_BATCH:
-                    text = dumps_more(batch)
-                    buffer.append(text)
-                    size += len(text)
-                    count += len(batch)
-                    batch = []
-                    if size >= STREAM_CHUNK_BYTES:
-                        yield b"".join(buffer)
-                        buffer, size = [], 0
+            for batch in batches:
+                text = b"," + members(batch)
+                buffer.append(text)
+                size += len(text)
+                count += len(batch)
+                if size >= STREAM_CHUNK_BYTES:
+                    yield b"".join(buffer)
+                    buffer, size = [], 0
         except UNAVAILABLE as error:
             # Too late for a 503: end the body with the array unclosed, which no JSON parser
             # takes for a whole list, rather than pass for complete.
-            log.warning("list cut short after %d customers: %s: %s", count + len(batch),
+            log.warning("list cut short after %d customers: %s: %s", count,
                         type(error).__name__, error)
-            buffer.append(dumps_more(batch))
             yield b"".join(buffer)
             return
-        buffer += [dumps_more(batch), b"]\n"]
+        buffer.append(b"]\n")
         yield b"".join(buffer)
 
     return Response(chunks(), mimetype="application/json")

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import uuid
+from operator import itemgetter
 
 import orjson
 from redis import exceptions as rx
@@ -116,21 +117,41 @@ def _typed(text: str, kind: str | None):
 
 def decode(customer_id: str, raw) -> dict:
     """Turn a stored hash (a dict, or RESP2's flat list of names and values) into the customer."""
-    if type(raw) is list:
-        names, values = raw[::2], raw[1::2]
-    else:
-        names, values = list(raw), list(raw.values())
+    if type(raw) is not list:
+        raw = flat(raw)
+    names = tuple(raw[::2])
+    kept, values, typed = _PLANS.get(names) or _plan(names)
     customer = {"id": customer_id}
-    customer.update(zip(names, values, strict=True))
-    for name in names:
-        if name[:1] == "_" and name.startswith(TYPE_PREFIX):
-            kind = customer.pop(name)
-            field = name[len(TYPE_PREFIX):]
-            if field in customer and field != "id":
-                customer[field] = _typed(customer[field], kind)
-    # A stored "id" field is ignored: the key names the customer.
-    customer["id"] = customer_id
+    customer.update(zip(kept, values(raw), strict=True))
+    for field, value_at, kind_at in typed:
+        customer[field] = _typed(raw[value_at], raw[kind_at])
     return customer
+
+
+# Customers mostly share a few shapes (the same field names in the same order): the work of
+# reading names is done once per shape, not once per customer. Bounded, as shapes may not be.
+_PLANS: dict = {}
+MAX_PLANS = 1024
+
+
+def _plan(names: tuple) -> tuple:
+    """Return how to decode a flat hash with these names: fields kept, their values, those typed."""
+    kept, typed = {}, []
+    for at, name in enumerate(names):
+        if name.startswith(TYPE_PREFIX):
+            field = name[len(TYPE_PREFIX):]
+            # A marker of a marker, or of "id", types nothing: both are dropped below.
+            if field in names and field != "id" and not field.startswith(TYPE_PREFIX):
+                typed.append((field, 2 * names.index(field) + 1, 2 * at + 1))
+        elif name != "id":
+            # A stored "id" field is ignored: the key names the customer.
+            kept[name] = 2 * at + 1
+    where = list(kept.values())
+    values = itemgetter(*where) if len(where) > 1 else lambda raw: [raw[at] for at in where]
+    if len(_PLANS) >= MAX_PLANS:
+        _PLANS.clear()
+    plan = _PLANS[names] = (tuple(kept), values, tuple(typed))
+    return plan
 
 
 def dumps(item) -> bytes:

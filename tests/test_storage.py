@@ -1,0 +1,43 @@
+"""How stored hashes turn into customers, whatever other clients wrote into them."""
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from storage import TYPE_PREFIX, _typed, decode
+
+NAMES = ["id", "name", "n", TYPE_PREFIX + "n", TYPE_PREFIX + "id", TYPE_PREFIX + "name",
+         TYPE_PREFIX + TYPE_PREFIX + "n", TYPE_PREFIX + "gone", "_other"]
+TEXTS = ["Joe", "1", "-7", "2.5", "nan", "true", "false", "int", "float", "bool", ""]
+
+
+def field_by_field(customer_id: str, stored: dict) -> dict:
+    """The rule, one field at a time: markers type their field and go; a stored id is ignored."""
+    customer = {"id": customer_id}
+    customer.update(stored)
+    for name in stored:
+        if name.startswith(TYPE_PREFIX):
+            kind = customer.pop(name)
+            field = name[len(TYPE_PREFIX):]
+            if field in customer and field != "id":
+                customer[field] = _typed(customer[field], kind)
+    customer["id"] = customer_id
+    return customer
+
+
+@given(st.dictionaries(st.sampled_from(NAMES), st.sampled_from(TEXTS)))
+def test_every_stored_hash_decodes_as_the_field_by_field_rule_says(stored):
+    flat = [part for pair in stored.items() for part in pair]
+    expected = field_by_field("c1", stored)
+    for raw in (flat, stored):
+        customer = decode("c1", raw)
+        assert list(customer.items()) == list(expected.items())
+
+
+def test_customers_of_one_shape_decode_alike_but_keep_their_own_values():
+    shape = ["name", "Joe", "balance", "10", TYPE_PREFIX + "balance", "int"]
+    first = decode("1", shape)
+    second = decode("2", ["name", "Kim", "balance", "x", TYPE_PREFIX + "balance", "int"])
+    assert first == {"id": "1", "name": "Joe", "balance": 10}
+    assert second == {"id": "2", "name": "Kim", "balance": "x"}
+    assert decode("3", ["name", "Al"]) == {"id": "3", "name": "Al"}
+    assert decode("4", ["id", "x"]) == {"id": "4"}
