@@ -16,7 +16,9 @@ from bulk import Batch
 from storage import KEY_PREFIX, UNAVAILABLE, CustomerStore, decode
 
 log = logging.getLogger(__name__)
-SCAN_COUNT = 1000
+# Keys a SCAN step asks for, and so customers a batch reads: small enough that a batch's
+# replies and customers stay in the CPU's caches (250 listed faster than 1,000 or 4,000).
+SCAN_COUNT = 250
 MATCH = KEY_PREFIX + "*"
 CURSOR_VERSION = 1
 RESUME_PAUSE_SECONDS = 0.5

@@ -3,7 +3,6 @@
 import hashlib
 import json
 import uuid
-from operator import itemgetter
 
 import orjson
 from redis import exceptions as rx
@@ -119,39 +118,56 @@ def decode(customer_id: str, raw) -> dict:
     """Turn a stored hash (a dict, or RESP2's flat list of names and values) into the customer."""
     if type(raw) is not list:
         raw = flat(raw)
+    return decoder(raw)(customer_id, raw)
+
+
+# Customers mostly share a few shapes (the same field names in the same order): a shape seen
+# twice gets a decoder of its own, written once. Bounded, as shapes may not be.
+_DECODERS: dict = {}
+MAX_SHAPES = 1024
+
+
+def decoder(raw: list):
+    """Return a function(customer_id, raw) that decodes flat hashes with raw's names in order."""
     names = tuple(raw[::2])
-    kept, values, typed = _PLANS.get(names) or _plan(names)
+    function = _DECODERS.get(names)
+    if function is _by_name:
+        function = _DECODERS[names] = _written(names)
+    elif function is None:
+        if len(_DECODERS) >= MAX_SHAPES:
+            _DECODERS.clear()
+        function = _DECODERS[names] = _by_name
+    return function
+
+
+def _by_name(customer_id: str, raw: list) -> dict:
+    """Decode any flat hash name by name: a marker types its field and goes; "id" is the key's."""
+    names = raw[::2]
     customer = {"id": customer_id}
-    customer.update(zip(kept, values(raw), strict=True))
-    for field, value_at, kind_at in typed:
-        customer[field] = _typed(raw[value_at], raw[kind_at])
+    customer.update(zip(names, raw[1::2], strict=True))
+    for name in names:
+        if name.startswith(TYPE_PREFIX):
+            kind = customer.pop(name)
+            field = name[len(TYPE_PREFIX):]
+            if field in customer and field != "id":
+                customer[field] = _typed(customer[field], kind)
+    customer["id"] = customer_id
     return customer
 
 
-# Customers mostly share a few shapes (the same field names in the same order): the work of
-# reading names is done once per shape, not once per customer. Bounded, as shapes may not be.
-_PLANS: dict = {}
-MAX_PLANS = 1024
-
-
-def _plan(names: tuple) -> tuple:
-    """Return how to decode a flat hash with these names: fields kept, their values, those typed."""
-    kept, typed = {}, []
+def _written(names: tuple):
+    """Write the decoder of one shape as a dict display, the fastest way Python builds a dict."""
+    items, scope = ["'id': customer_id"], {"_typed": _typed}
     for at, name in enumerate(names):
-        if name.startswith(TYPE_PREFIX):
-            field = name[len(TYPE_PREFIX):]
-            # A marker of a marker, or of "id", types nothing: both are dropped below.
-            if field in names and field != "id" and not field.startswith(TYPE_PREFIX):
-                typed.append((field, 2 * names.index(field) + 1, 2 * at + 1))
-        elif name != "id":
-            # A stored "id" field is ignored: the key names the customer.
-            kept[name] = 2 * at + 1
-    where = list(kept.values())
-    values = itemgetter(*where) if len(where) > 1 else lambda raw: [raw[at] for at in where]
-    if len(_PLANS) >= MAX_PLANS:
-        _PLANS.clear()
-    plan = _PLANS[names] = (tuple(kept), values, tuple(typed))
-    return plan
+        if name.startswith(TYPE_PREFIX) or name == "id":
+            continue
+        value = f"raw[{2 * at + 1}]"
+        if TYPE_PREFIX + name in names:
+            value = f"_typed({value}, raw[{2 * names.index(TYPE_PREFIX + name) + 1}])"
+        # Only positions go into the source; the names are values in its scope, never code.
+        scope[f"name{at}"] = name
+        items.append(f"name{at}: {value}")
+    return eval(f"lambda customer_id, raw: {{{', '.join(items)}}}", scope)  # noqa: S307
 
 
 def dumps(item) -> bytes:

@@ -28,9 +28,11 @@ def field_by_field(customer_id: str, stored: dict) -> dict:
 def test_every_stored_hash_decodes_as_the_field_by_field_rule_says(stored):
     flat = [part for pair in stored.items() for part in pair]
     expected = field_by_field("c1", stored)
-    for raw in (flat, stored):
+    # The first of a shape is decoded name by name, the next ones by the shape's own decoder.
+    for raw in (flat, stored, flat, stored):
         customer = decode("c1", raw)
-        assert list(customer.items()) == list(expected.items())
+        # repr: in the same order, and "nan" read as a float equals itself.
+        assert repr(customer) == repr(expected)
 
 
 def test_customers_of_one_shape_decode_alike_but_keep_their_own_values():
