@@ -122,16 +122,18 @@ def decode(customer_id: str, raw) -> dict:
 
 
 # Customers mostly share a few shapes (the same field names in the same order): a shape seen
-# twice gets a decoder of its own, written once. Bounded, as shapes may not be.
+# twice gets a decoder of its own, written once. Bounded, as shapes may not be: in number, and
+# in size (a written decoder costs memory in proportion to its names).
 _DECODERS: dict = {}
 MAX_SHAPES = 1024
+MAX_WRITTEN_NAMES = 128
 
 
 def decoder(raw: list):
     """Return a function(customer_id, raw) that decodes flat hashes with raw's names in order."""
     names = tuple(raw[::2])
     function = _DECODERS.get(names)
-    if function is _by_name:
+    if function is _by_name and len(names) <= MAX_WRITTEN_NAMES:
         function = _DECODERS[names] = _written(names)
     elif function is None:
         if len(_DECODERS) >= MAX_SHAPES:
