@@ -13,7 +13,7 @@ from array import array
 from redis.exceptions import AskError, ClusterError
 
 from bulk import Batch
-from storage import KEY_PREFIX, UNAVAILABLE, CustomerStore, decoder, flat
+from storage import KEY_PREFIX, UNAVAILABLE, CustomerStore, decode
 
 log = logging.getLogger(__name__)
 # Keys a SCAN step asks for, and so customers a batch reads: small enough that a batch's
@@ -78,13 +78,13 @@ def customers_of(redis, keys: list, replies: list) -> list:
         if isinstance(raw, Exception):
             if isinstance(raw, AskError):
                 # MOVED or ASK: a resharding moved the key; the cluster client follows it.
-                raw = flat(redis.hgetall(key))
+                raw = redis.hgetall(key)
             elif "WRONGTYPE" in str(raw):
                 continue
             else:
                 raise raw
         if raw:
-            customers.append(decoder(raw)(key[start:], raw))
+            customers.append(decode(key[start:], raw))
     return customers
 
 
