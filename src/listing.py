@@ -206,10 +206,9 @@ def walk(store: CustomerStore):
     deadline = None
     while True:
         try:
-            for node in topology(store.redis)[1]:
-                for customers in _node_batches(store.redis, node, seen):
-                    sent = sent or bool(customers)
-                    yield customers
+            for customers in _batches(store.redis, topology(store.redis)[1], seen):
+                sent = True
+                yield customers
             return
         except UNAVAILABLE as error:
             # Before the first customer the caller can still answer 503; after it, resume.
@@ -224,25 +223,37 @@ def walk(store: CustomerStore):
             time.sleep(RESUME_PAUSE_SECONDS)
 
 
-def _node_batches(redis, node, seen: SeenKeys):
-    """Yield the customers of one node not in seen, a batch at a time, adding their keys to seen."""
-    cursor, keys = scan(node, 0, SCAN_COUNT)
-    batch = Batch(node, seen.unseen(keys), scan_arguments(cursor, SCAN_COUNT) if cursor else ())
+def _batches(redis, nodes: list, seen: SeenKeys):
+    """Yield the customers of every node not in seen, a batch at a time, adding their keys to seen.
+
+    A node's next batch goes out before this batch's customers are decoded, and a node's first
+    SCAN step goes out with the last batch of the node before it: they read while we decode.
+    """
+    at, upcoming = 0, None
+    batch = Batch(nodes[0], [], scan_arguments(0, SCAN_COUNT)) if nodes else None
     try:
         while batch:
             keys, (replies, scanned) = batch.keys, batch.receive()
             batch = None
+            if scanned is None and upcoming:
+                # This node is done: the next node's first batch goes out now.
+                at, scanned = at + 1, upcoming.receive()[1]
+                upcoming = None
             if scanned:
-                # The next batch goes out before this one's customers: the node reads it while
-                # they are decoded and sent. SCAN may repeat keys of this batch, not yet in seen.
-                cursor, following = int(scanned[0]), scanned[1]
+                # SCAN may repeat keys of this batch, not yet in seen.
+                cursor, found = int(scanned[0]), scanned[1]
                 taken = set(keys)
-                fresh = [key for key in seen.unseen(following) if key not in taken]
-                batch = Batch(node, fresh, scan_arguments(cursor, SCAN_COUNT) if cursor else ())
+                fresh = [key for key in seen.unseen(found) if key not in taken]
+                step = scan_arguments(cursor, SCAN_COUNT) if cursor else ()
+                batch = Batch(nodes[at], fresh, step)
+                if not cursor and at + 1 < len(nodes):
+                    upcoming = Batch(nodes[at + 1], [], scan_arguments(0, SCAN_COUNT))
             customers = customers_of(redis, keys, replies)
             # Only keys whose customers are in hand count as sent.
             seen.update(keys)
-            yield customers
+            if customers:
+                yield customers
     finally:
-        if batch:
-            batch.close()
+        for pending in (batch, upcoming):
+            if pending:
+                pending.close()
