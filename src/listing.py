@@ -13,7 +13,7 @@ from array import array
 from redis.exceptions import AskError, ClusterError
 
 from bulk import Batch
-from storage import KEY_PREFIX, UNAVAILABLE, CustomerStore, decode
+from storage import KEY_PREFIX, UNAVAILABLE, CustomerStore, decode, decode_all
 
 log = logging.getLogger(__name__)
 # Keys a SCAN step asks for, and so customers a batch reads: small enough that a batch's
@@ -72,8 +72,11 @@ def fetch(redis, node, keys) -> list:
 
 def customers_of(redis, keys: list, replies: list) -> list:
     """Turn HGETALL replies into customers, skipping keys gone or retyped."""
-    customers = []
     start = len(KEY_PREFIX)
+    if all(type(raw) is list for raw in replies):
+        # The usual batch: every reply a hash (RESP2's flat list) or empty (a key gone).
+        return decode_all([key[start:] for key in keys], replies)
+    customers = []
     for key, raw in zip(keys, replies, strict=True):
         if isinstance(raw, Exception):
             if isinstance(raw, AskError):
@@ -182,9 +185,11 @@ class SeenKeys:
         at = bisect.bisect_left(self.merged, digest)
         return at < len(self.merged) and self.merged[at] == digest
 
-    def unseen(self, keys) -> list:
-        """Return the keys not recorded yet, each once, in their order."""
+    def unseen(self, keys, besides=()) -> list:
+        """Return the keys neither recorded yet nor among besides, each once, in their order."""
         keys = dict.fromkeys(keys)
+        for key in besides:
+            keys.pop(key, None)
         if not self.merged:
             recent = self.recent
             return [key for key in keys if hash(key) not in recent]
@@ -242,8 +247,7 @@ def _batches(redis, nodes: list, seen: SeenKeys):
             if scanned:
                 # SCAN may repeat keys of this batch, not yet in seen.
                 cursor, found = int(scanned[0]), scanned[1]
-                taken = set(keys)
-                fresh = [key for key in seen.unseen(found) if key not in taken]
+                fresh = seen.unseen(found, besides=keys)
                 step = scan_arguments(cursor, SCAN_COUNT) if cursor else ()
                 batch = Batch(nodes[at], fresh, step)
                 if not cursor and at + 1 < len(nodes):
