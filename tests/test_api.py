@@ -108,6 +108,14 @@ def test_list_takes_the_id_as_everything_after_the_prefix(client, redis_client):
     assert client.get("/customers").get_json() == [{"id": "eu:42", "name": "Lea"}]
 
 
+def test_list_returns_keys_and_values_in_any_script_as_stored(client, redis_client):
+    redis_client.hset("customer:Zoë-東京", mapping={"name": "Zoë", "city": "東京"})
+    client.put("/customers/plain", json={"name": "Al"})
+    listed = sorted(client.get("/customers").get_json(), key=lambda customer: customer["id"])
+    assert listed == [{"id": "Zoë-東京", "name": "Zoë", "city": "東京"},
+                      {"id": "plain", "name": "Al"}]
+
+
 def test_list_skips_keys_under_the_prefix_that_are_not_hashes(client, redis_client):
     client.put("/customers/1", json={"name": "Joe"})
     redis_client.set("customer:counter", "7")

@@ -3,7 +3,7 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from storage import TYPE_PREFIX, _typed, decode
+from storage import TYPE_PREFIX, _typed, decode, decode_all
 
 NAMES = ["id", "name", "n", TYPE_PREFIX + "n", TYPE_PREFIX + "id", TYPE_PREFIX + "name",
          TYPE_PREFIX + TYPE_PREFIX + "n", TYPE_PREFIX + "gone", "_other"]
@@ -33,6 +33,9 @@ def test_every_stored_hash_decodes_as_the_field_by_field_rule_says(stored):
         customer = decode("c1", raw)
         # repr: in the same order, and "nan" read as a float equals itself.
         assert repr(customer) == repr(expected)
+    # Many at once, as a listing decodes them; an empty hash is a key gone, skipped.
+    listed = decode_all(["c1", "gone", "c1"], [flat, [], flat])
+    assert repr(listed) == repr([expected, expected] if flat else [])
 
 
 def test_customers_of_one_shape_decode_alike_but_keep_their_own_values():
