@@ -98,7 +98,7 @@ def scan_arguments(cursor: int, count: int) -> tuple:
 
 def scan(node, cursor: int, count: int) -> tuple[int, list]:
     """Run one SCAN step for customer hashes on one node."""
-    return node.scan(cursor, match=MATCH, count=count, _type="hash")
+    return node.execute_command("SCAN", *scan_arguments(cursor, count))
 
 
 def encode_cursor(position: list) -> str:

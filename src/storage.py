@@ -164,7 +164,7 @@ def _by_name(customer_id: str, raw: list) -> dict:
         if name.startswith(TYPE_PREFIX):
             kind = customer.pop(name)
             field = name[len(TYPE_PREFIX):]
-            if field in customer and field != "id":
+            if field in customer:
                 customer[field] = _typed(customer[field], kind)
     customer["id"] = customer_id
     return customer

@@ -111,21 +111,6 @@ def test_fetch_follows_a_moved_key_and_skips_keys_gone_or_retyped(redis_cluster)
 
 
 @pytest.mark.cluster
-def test_a_batch_sent_to_a_node_that_no_longer_owns_a_key_follows_the_move(redis_cluster):
-    redis_cluster.flush()
-    redis_client = connect(cluster_config(redis_cluster))
-    try:
-        redis_client.hset("customer:moved", mapping={"name": "Mo", "n": "1", "_type:n": "int"})
-        owner = primary_of(redis_client, "customer:moved").connection_pool.connection_kwargs
-        other = next(node for node in topology(redis_client)[1]
-                     if node.connection_pool.connection_kwargs["port"] != owner["port"])
-        listed = fetch(redis_client, other, ["customer:moved"])
-        assert listed == [{"id": "moved", "name": "Mo", "n": 1}]
-    finally:
-        redis_client.close()
-
-
-@pytest.mark.cluster
 def test_a_walk_abandoned_midway_gives_its_connections_back(redis_cluster):
     redis_cluster.flush()
     redis_client = connect(cluster_config(redis_cluster), max_connections=2)
