@@ -5,6 +5,7 @@ import binascii
 import bisect
 import hashlib
 import heapq
+import hmac
 import json
 import logging
 import time
@@ -13,14 +14,16 @@ from array import array
 from redis.exceptions import AskError, ClusterError
 
 from bulk import Batch
-from storage import KEY_PREFIX, UNAVAILABLE, CustomerStore, decode, decode_all
+from database import primary_of
+from storage import KEY_PREFIX, UNAVAILABLE, CustomerStore, addressable, decode, decode_all
 
 log = logging.getLogger(__name__)
 # Keys a SCAN step asks for, and so customers a batch reads: small enough that a batch's
 # replies and customers stay in the CPU's caches (250 listed faster than 1,000 or 4,000).
 SCAN_COUNT = 250
 MATCH = KEY_PREFIX + "*"
-CURSOR_VERSION = 1
+CURSOR_VERSION = 2
+MAX_CURSOR_LENGTH = 64 * 1024
 RESUME_PAUSE_SECONDS = 0.5
 
 
@@ -101,74 +104,79 @@ def scan(node, cursor: int, count: int) -> tuple[int, list]:
     return node.execute_command("SCAN", *scan_arguments(cursor, count))
 
 
-def encode_cursor(position: list) -> str:
-    """Turn a walk's position into an opaque URL-safe token."""
-    text = json.dumps([CURSOR_VERSION, *position], separators=(",", ":"))
-    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+def encode_cursor(position: list, key: bytes) -> str:
+    """Turn a walk's position into an opaque URL-safe token, signed with key."""
+    text = json.dumps([CURSOR_VERSION, *position], separators=(",", ":")).encode()
+    return f"{_b64(text)}.{_b64(_signature(text, key))}"
 
 
-def decode_cursor(token: str) -> list:
-    """Read a token made by encode_cursor, or raise BadCursor."""
+def decode_cursor(token: str, key: bytes) -> list:
+    """Read a token made by encode_cursor with the same key, or raise BadCursor."""
     try:
-        padded = token + "=" * (-len(token) % 4)
-        version, *position = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
+        if len(token) > MAX_CURSOR_LENGTH:
+            raise ValueError("too long")
+        text, signature = (_unb64(part) for part in token.split("."))
+        if not hmac.compare_digest(signature, _signature(text, key)):
+            raise ValueError("not signed by this deployment")
+        version, *position = json.loads(text)
     except (ValueError, TypeError, UnicodeError, binascii.Error):
         raise BadCursor("cursor is not one this service made") from None
-    if version != CURSOR_VERSION or len(position) != 5:
-        raise BadCursor("cursor is not one this service made")
-    fingerprint, node, cursor, after, sent_digest = position
-    valid = (isinstance(fingerprint, str) and _whole(node) and _whole(cursor)
-             and (after is None) == (sent_digest is None)
-             and (after is None or isinstance(after, str) and isinstance(sent_digest, str)))
-    if not valid:
+    # Signed by this service: a check against its own bugs, not a client's forgery.
+    if version != CURSOR_VERSION or len(position) != 4:
         raise BadCursor("cursor is not one this service made")
     return position
 
 
-def _digest(keys: list) -> str:
-    return hashlib.blake2b("\n".join(keys).encode(), digest_size=6).hexdigest()
+def _signature(text: bytes, key: bytes) -> bytes:
+    return hmac.digest(key, text, "sha256")[:16]
 
 
-def _whole(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
 
 
-def page(store: CustomerStore, limit: int, token: str | None) -> tuple[list, str | None]:
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode((text + "=" * (-len(text) % 4)).encode("ascii"))
+
+
+def page(store: CustomerStore, limit: int, token: str | None, key: bytes):
     """Return at most limit customers from where token left off, and the token of the rest."""
-    fingerprint, nodes = topology(store.redis)
-    position = decode_cursor(token) if token else [fingerprint, 0, 0, None, None]
-    if position[0] != fingerprint:
+    position = decode_cursor(token, key) if token else None
+    return store.retrying(_page, store.redis, limit, position, key)
+
+
+def _page(redis, limit: int, position: list | None, key: bytes) -> tuple[list, str | None]:
+    """Walk SCAN steps from position until limit customers are taken; see docs/listing.md.
+
+    A SCAN step is never run twice: the keys of a step beyond the page travel in the next
+    cursor (pending), so that writes between pages cannot make a page repeat a step's keys.
+    """
+    fingerprint, nodes = topology(redis)
+    fingerprint_sent, index, cursor, pending = position or (fingerprint, 0, 0, [])
+    if fingerprint_sent != fingerprint:
         raise StaleCursor("the cluster's primaries changed since this listing began")
-    _, index, cursor, after, sent_digest = position
-    if index >= len(nodes):
+    if position and (index > len(nodes) or index == len(nodes) and not pending):
         raise BadCursor("cursor is not one this service made")
     taken, customers = set(), []
-    while len(taken) < limit and index < len(nodes):
+    keys = [KEY_PREFIX + customer_id for customer_id in pending]
+    # Pending keys were found on the node before a finished one: read them from their owner.
+    node = primary_of(redis, keys[0]) if keys else None
+    while True:
+        keys = [key for key in dict.fromkeys(keys) if key not in taken]
         want = limit - len(taken)
-        node = nodes[index]
-        following, keys = scan(node, cursor, SCAN_COUNT)
-        batch = sorted(set(keys))
-        start = 0
-        # Resuming a batch the last page split: skip what it sent, if that part is unchanged.
-        if after is not None:
-            sent = bisect.bisect_right(batch, after)
-            if _digest(batch[:sent]) == sent_digest:
-                start = sent
-        # Else writes changed that batch since: send it whole again (SCAN may repeat, not miss).
-        keys = [key for key in batch[start:] if key not in taken]
-        after = sent_digest = None
-        if len(keys) > want:
-            keys = keys[:want]
-            after = keys[-1]
-            sent_digest = _digest(batch[:bisect.bisect_right(batch, after)])
-        else:
-            cursor = following
-            index += cursor == 0
+        keys, pending = keys[:want], keys[want:]
         taken.update(keys)
-        customers += fetch(store.redis, node, keys)
-    if index == len(nodes):
-        return customers, None
-    return customers, encode_cursor([fingerprint, index, cursor, after, sent_digest])
+        customers += fetch(redis, node, keys)
+        if pending or len(taken) == limit or index == len(nodes):
+            break
+        node = nodes[index]
+        cursor, keys = scan(node, cursor, min(SCAN_COUNT, limit - len(taken)))
+        keys = addressable(keys)
+        index += cursor == 0
+    if pending or index < len(nodes):
+        pending = [pending_key[len(KEY_PREFIX):] for pending_key in pending]
+        return customers, encode_cursor([fingerprint, index, cursor, pending], key)
+    return customers, None
 
 
 class SeenKeys:
@@ -247,7 +255,7 @@ def _batches(redis, nodes: list, seen: SeenKeys):
             if scanned:
                 # SCAN may repeat keys of this batch, not yet in seen.
                 cursor, found = int(scanned[0]), scanned[1]
-                fresh = seen.unseen(found, besides=keys)
+                fresh = addressable(seen.unseen(found, besides=keys))
                 step = scan_arguments(cursor, SCAN_COUNT) if cursor else ()
                 batch = Batch(nodes[at], fresh, step)
                 if not cursor and at + 1 < len(nodes):

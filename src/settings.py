@@ -41,6 +41,7 @@ class Config:
     log_level: str = "INFO"
     log_format: str = "text"
     api_tokens: tuple[str, ...] = field(default=(), repr=False)
+    max_fields: int = 1000
 
     @property
     def embedded(self) -> bool:
@@ -165,4 +166,5 @@ def load_config(env=None) -> Config:
         log_level=log_level,
         log_format=log_format,
         api_tokens=_tokens(env),
+        max_fields=_integer(env, "MAX_FIELDS", Config.max_fields, 1, 100_000),
     )

@@ -18,7 +18,8 @@ SLOTS = 16384
 APP_ACCESS = ("~customer:* resetchannels -@all +auth +hello +ping "
               "+cluster|slots +cluster|shards +cluster|info +cluster|nodes +command "
               "+readonly +readwrite +asking +hgetall +hget +hmget +hset +hdel +del +exists "
-              "+type +scan +multi +exec +discard +watch +unwatch +wait +evalsha +script|load")
+              "+type +hlen +hkeys +scan +multi +exec +discard +watch +unwatch +wait +evalsha "
+              "+script|load")
 
 
 def free_cluster_ports(count: int) -> list[int]:

@@ -70,7 +70,12 @@ def test_the_document_is_served_at_openapi_json(client):
 
 
 @pytest.mark.parametrize(("body", "words"), [
-    ('{"a": 1e400}', "not valid JSON"),
+    ('{"a": 1e400}', "outside the range of a 64-bit float"),
+    ('{"a": -1e309}', "outside the range of a 64-bit float"),
+    ('{"a": ' + "9" * 5000 + "}", "outside the range of a 64-bit float"),
+    ('{"a": ' + "9" * 310 + "}", "outside the range of a 64-bit float"),
+    ('{"a": 1, "b": 2, "a": 3}', 'member "a" more than once'),
+    ('{"id": "x", "a": 1, "id": "y"}', 'member "id" more than once'),
     ('{"a": "\\ud800"}', "lone surrogate"),
     ('{"\\udfff": 1}', "lone surrogate"),
     ('{"a": null}', "no null values"),
