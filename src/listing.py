@@ -23,7 +23,9 @@ log = logging.getLogger(__name__)
 SCAN_COUNT = 250
 MATCH = KEY_PREFIX + "*"
 CURSOR_VERSION = 2
-MAX_CURSOR_LENGTH = 64 * 1024
+# A cursor must fit in a URL (granian answers 414 beyond 64 KB), with room to spare.
+MAX_CURSOR_LENGTH = 8192
+MAX_PENDING_BYTES = 3000
 RESUME_PAUSE_SECONDS = 0.5
 
 
@@ -161,15 +163,20 @@ def _page(redis, limit: int, position: list | None, key: bytes) -> tuple[list, s
     keys = [KEY_PREFIX + customer_id for customer_id in pending]
     # Pending keys were found on the node before a finished one: read them from their owner.
     node = primary_of(redis, keys[0]) if keys else None
+    before = None  # where the last SCAN step started, set once one ran (then taken is too)
     while True:
         keys = [key for key in dict.fromkeys(keys) if key not in taken]
         want = limit - len(taken)
         keys, pending = keys[:want], keys[want:]
+        if taken and len("".join(pending).encode()) > MAX_PENDING_BYTES:
+            # Too many long ids to carry in a URL: the next page runs this step again.
+            index, cursor, pending = before
+            break
         taken.update(keys)
         customers += fetch(redis, node, keys)
         if pending or len(taken) == limit or index == len(nodes):
             break
-        node = nodes[index]
+        before, node = (index, cursor, []), nodes[index]
         cursor, keys = scan(node, cursor, min(SCAN_COUNT, limit - len(taken)))
         keys = addressable(keys)
         index += cursor == 0

@@ -266,6 +266,7 @@ class Customers_ID(Resource):  # noqa: N801 - the name of the original design
 
     def options(self, customer_id):
         """Answer which methods a customer allows, and the patch format PATCH takes."""
+        validation.check_id(customer_id)
         return options(self, {"Accept-Patch": validation.MERGE_PATCH})
 
 
@@ -293,7 +294,7 @@ def create_app(config: Config, redis_client) -> Flask:
     # path: an id may hold a /, as the keys of other programs may.
     api.add_resource(Customers_ID, "/customers/<path:customer_id>", endpoint="customer",
                      resource_class_kwargs={"store": store})
-    api_contract.install(app)
+    api_contract.install(app, bool(config.api_tokens))
     return app
 
 
