@@ -275,8 +275,10 @@ def dumps(item) -> bytes:
     except orjson.JSONEncodeError:
         text = _as_text(item)
         if text != item:
-            log.warning("customer %a holds bytes that are not UTF-8: sent as U+FFFD",
-                        item.get("id") if isinstance(item, dict) else None)
+            parts = item if isinstance(item, list) else [item]
+            log.warning("customers %a hold bytes that are not UTF-8: sent as U+FFFD",
+                        [part.get("id") for part in parts
+                         if isinstance(part, dict) and _as_text(part) != part])
         return json.dumps(text, separators=(",", ":"), ensure_ascii=False).encode()
 
 

@@ -22,7 +22,7 @@ def test_a_value_that_is_not_utf8_reads_and_lists_as_replacement_characters(
     assert sorted(listed.get_json(), key=lambda customer: customer["id"]) == [
         expected, {"id": "plain", "name": "Al"}]
     assert sorted(map(str, walk_pages(client, 1))) == ["bin1", "plain"]
-    assert "holds bytes that are not UTF-8" in caplog.text
+    assert "hold bytes that are not UTF-8" in caplog.text
     # The stored bytes stay as the other program wrote them.
     assert redis_client.hget(b"customer:bin1", b"name") == "\udcff\udcfe"
 
