@@ -216,10 +216,10 @@ def create_app(config: Config, redis_client) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     errors.register(app)
     request_log.install(app)
-    access.require_tokens(app, config.api_tokens)
+    guard = access.install(app, config.api_tokens)
     store = CustomerStore(redis_client, config.db_retry_seconds, config.db_wait_replicas,
                           wait_timeout=config.db_timeout / 2)
-    health.register(app, redis_client)
+    health.register(app, redis_client, guard.trusted)
     api = JsonApi(app)
     resources = {"store": store}
     api.add_resource(Customers, "/customers", resource_class_kwargs=resources)
