@@ -284,10 +284,10 @@ def create_app(config: Config, redis_client) -> Flask:
     app.config["MAX_FIELDS"] = config.max_fields
     errors.register(app)
     request_log.install(app)
-    access.require_tokens(app, config.api_tokens)
+    guard = access.install(app, config.api_tokens)
     store = CustomerStore(redis_client, config.db_retry_seconds, config.db_wait_replicas,
                           wait_timeout=config.db_timeout / 2, max_fields=config.max_fields)
-    health.register(app, redis_client)
+    health.register(app, redis_client, guard.trusted)
     api = JsonApi(app)
     api.add_resource(Customers, "/customers",
                      resource_class_kwargs={"store": store, "cursor_key": cursor_key(config)})

@@ -1,5 +1,6 @@
 """Read the service's configuration from the environment, once."""
 
+import ipaddress
 import os
 import re
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ class Config:
     db_host: str | None = None
     db_port: int = 6379
     db_username: str | None = None
-    db_password: str | None = None
+    db_password: str | None = field(default=None, repr=False)
     db_tls: bool = False
     db_ca_cert: str | None = None
     db_timeout: float = 2.0
@@ -42,6 +43,7 @@ class Config:
     log_format: str = "text"
     api_tokens: tuple[str, ...] = field(default=(), repr=False)
     max_fields: int = 1000
+    auth: str = "tokens"
 
     @property
     def embedded(self) -> bool:
@@ -111,8 +113,13 @@ def _check_tokens(tokens: list, source: str) -> tuple[str, ...]:
 
 def _tokens(env) -> tuple[str, ...]:
     """Read API_TOKENS (comma-separated) and the file named by API_TOKENS_FILE (one a line)."""
-    listed = [token.strip() for token in (_get(env, "API_TOKENS") or "").split(",")]
-    tokens = _check_tokens([token for token in listed if token], "API_TOKENS")
+    raw = env.get("API_TOKENS", "")
+    listed = [token.strip() for token in raw.split(",") if token.strip()]
+    if raw and not listed:
+        # Left as it is, a stray comma or space would turn authentication off.
+        raise ConfigError("API_TOKENS is set but holds no token: give one or more tokens "
+                          "separated by commas, or leave it empty")
+    tokens = _check_tokens(listed, "API_TOKENS")
     path = _get(env, "API_TOKENS_FILE")
     if path is None:
         return tokens
@@ -126,6 +133,33 @@ def _tokens(env) -> tuple[str, ...]:
     if not in_file:
         raise ConfigError(f"API_TOKENS_FILE holds no token: {path}")
     return tokens + _check_tokens(in_file, "API_TOKENS_FILE")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a listening address is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _auth(env, host: str, tokens: tuple[str, ...]) -> str:
+    """Read AUTH and check it against the tokens and the address the service listens on."""
+    auth = (_get(env, "AUTH") or Config.auth).lower()
+    if auth not in ("tokens", "none"):
+        raise ConfigError(f"AUTH must be tokens or none, got {auth!r}")
+    if auth == "none" and tokens:
+        raise ConfigError("AUTH=none serves without tokens, yet API_TOKENS or API_TOKENS_FILE "
+                          "holds some: remove one or the other")
+    if auth == "tokens" and not tokens and not is_loopback(host):
+        raise ConfigError(f"HOST={host} is reachable from other machines but no API token is "
+                          "set: add API_TOKENS=<token>[,<token>...] or API_TOKENS_FILE=<file> "
+                          "(a token: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+                          "), or set AUTH=none to serve without tokens where only trusted "
+                          "clients can connect")
+    return auth
 
 
 def load_config(env=None) -> Config:
@@ -144,8 +178,10 @@ def load_config(env=None) -> Config:
     log_format = (_get(env, "LOG_FORMAT") or Config.log_format).lower()
     if log_format not in ("text", "json"):
         raise ConfigError(f"LOG_FORMAT must be text or json, got {log_format!r}")
+    host = _get(env, "HOST") or Config.host
+    tokens = _tokens(env)
     return Config(
-        host=_get(env, "HOST") or Config.host,
+        host=host,
         port=_integer(env, "PORT", Config.port, 1, 65535),
         workers=_integer(env, "WORKERS", Config().workers, 1, 64),
         threads=_integer(env, "THREADS", Config.threads, 1, 256),
@@ -165,6 +201,7 @@ def load_config(env=None) -> Config:
         redis_server=redis_server,
         log_level=log_level,
         log_format=log_format,
-        api_tokens=_tokens(env),
+        api_tokens=tokens,
+        auth=_auth(env, host, tokens),
         max_fields=_integer(env, "MAX_FIELDS", Config.max_fields, 1, 100_000),
     )

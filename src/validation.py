@@ -6,6 +6,7 @@ import sys
 
 import orjson
 from flask import current_app, request
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from errors import fail
 from storage import MAX_ID_LENGTH, TYPE_PREFIX, valid_id
@@ -59,13 +60,25 @@ def _unique(pairs):
     return body
 
 
+def read_body() -> bytes:
+    """Return the request body, or stop with 413 when it is over the limit, chunked or not."""
+    body = request.get_data(cache=False)
+    limit = request.max_content_length
+    # Without Content-Length (a chunked body), werkzeug stops reading at the limit without a
+    # word: one byte more behind it means the body was over the limit.
+    if (request.content_length is None and limit is not None and len(body) >= limit
+            and request.environ["wsgi.input"].read(1)):
+        fail(413, RequestEntityTooLarge.description)
+    return body
+
+
 def read_json_object() -> dict:
     """Return the request's JSON object, or stop with 400, 413 or 415."""
     if not request.is_json:
         fail(415, "send a JSON object with Content-Type: application/json")
     try:
-        body = json.loads(request.get_data(cache=False), parse_constant=_no_constants,
-                          parse_float=_finite, parse_int=_integer, object_pairs_hook=_unique)
+        body = json.loads(read_body(), parse_constant=_no_constants, parse_float=_finite,
+                          parse_int=_integer, object_pairs_hook=_unique)
     except OutOfRange as error:
         number = str(error)
         shown = number if len(number) <= 40 else f"{number[:20]}... ({len(number)} characters)"
