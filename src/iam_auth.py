@@ -9,7 +9,8 @@ background thread below makes it the one that usually does. MemoryDB closes a co
 12 hours after its last AUTH, so every REAUTH_SECONDS each pool authenticates again: idle
 connections at once, connections in use when they are given back (redis-py's
 re_auth_callback), which is never inside MULTI/EXEC because the service releases a
-connection only after its EXEC.
+connection only after its EXEC. (redis-py sends the token's "oid" claim as the user name;
+pinned redis 8.1 is what tests/test_iam_auth.py checks.)
 """
 
 import logging
