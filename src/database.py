@@ -86,7 +86,7 @@ class LazyCluster:
             self._client.close()
 
 
-def connect(config, max_connections=None) -> LazyCluster:
+def connect(config, max_connections=None, credential_provider=None) -> LazyCluster:
     """Return a cluster client for the configured database."""
     options = {
         "host": config.db_host,
@@ -107,6 +107,8 @@ def connect(config, max_connections=None) -> LazyCluster:
         # One retry follows a topology change; waiting with backoff is Retrying's job.
         "retry": Retry(NoBackoff(), 1),
     }
+    if credential_provider is not None:
+        options.update(username=None, password=None, credential_provider=credential_provider)
     if config.db_tls:
         options["ssl"] = True
         options["ssl_cert_reqs"] = "required"

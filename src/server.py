@@ -16,6 +16,7 @@ import access
 import api_contract
 import errors
 import health
+import iam_auth
 import listing
 import preconditions
 import request_log
@@ -298,6 +299,16 @@ def create_app(config: Config, redis_client) -> Flask:
     return app
 
 
+def database_client(config: Config, max_connections: int):
+    """Connect to the database; with DBAUTH=iam, sign and renew IAM tokens in this process."""
+    if config.db_auth != "iam":
+        return connect(config, max_connections)
+    provider = iam_auth.provider_for(config)
+    client = connect(config, max_connections, credential_provider=provider)
+    iam_auth.KeepAuthenticated(client, provider).start()
+    return client
+
+
 @contextlib.contextmanager
 def database(config: Config):
     """Yield the config to connect with, running the embedded Redis when no DBHOST is set."""
@@ -329,7 +340,7 @@ def main() -> int:
     try:
         with database(config) as db_config:
             pool = serving.pool_size(config)
-            serving.serve(lambda: create_app(db_config, connect(db_config, pool)), config)
+            serving.serve(lambda: create_app(db_config, database_client(db_config, pool)), config)
     except EmbeddedError as error:
         print(f"cannot start the embedded database: {error}", file=sys.stderr)
         return 1

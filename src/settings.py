@@ -44,6 +44,9 @@ class Config:
     api_tokens: tuple[str, ...] = field(default=(), repr=False)
     max_fields: int = 1000
     auth: str = "tokens"
+    db_auth: str = "password"
+    db_cluster: str | None = None
+    aws_region: str | None = None
 
     @property
     def embedded(self) -> bool:
@@ -162,6 +165,29 @@ def _auth(env, host: str, tokens: tuple[str, ...]) -> str:
     return auth
 
 
+def _iam(env, db_host) -> dict:
+    """Read DBAUTH and, when it is iam, the cluster and region the tokens are signed for."""
+    auth = (_get(env, "DBAUTH", "DB_AUTH") or Config.db_auth).lower()
+    if auth not in ("password", "iam"):
+        raise ConfigError(f"DBAUTH must be password or iam, got {auth!r}")
+    if auth == "password":
+        return {}
+    settings = {"db_auth": auth, "db_cluster": _get(env, "DBCLUSTER", "DB_CLUSTER"),
+                "aws_region": _get(env, "AWS_REGION", "AWS_DEFAULT_REGION")}
+    missing = [name for name, value in (("DBHOST", db_host),
+                                        ("DBUSERNAME", _get(env, "DBUSERNAME", "DB_USERNAME")),
+                                        ("DBCLUSTER", settings["db_cluster"]),
+                                        ("AWS_REGION", settings["aws_region"])) if not value]
+    if missing:
+        raise ConfigError(f"DBAUTH=iam needs {', '.join(missing)} set")
+    if _get(env, "DBPASSWORD", "DB_PASSWORD"):
+        raise ConfigError("DBAUTH=iam signs its own tokens: leave DBPASSWORD empty")
+    if not _flag(env, "DBTLS", True):
+        raise ConfigError("DBAUTH=iam needs DBTLS on: the token must not cross the network "
+                          "in clear text")
+    return settings
+
+
 def load_config(env=None) -> Config:
     """Build the configuration from environment variables, or raise ConfigError."""
     env = os.environ if env is None else env
@@ -204,4 +230,5 @@ def load_config(env=None) -> Config:
         api_tokens=tokens,
         auth=_auth(env, host, tokens),
         max_fields=_integer(env, "MAX_FIELDS", Config.max_fields, 1, 100_000),
+        **_iam(env, db_host),
     )
