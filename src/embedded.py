@@ -42,6 +42,9 @@ SERVICE_ACCESS = (f"~{KEY_PREFIX}* resetchannels -@all +auth +hello +ping "
                   "+cluster|slots +cluster|shards +cluster|info +cluster|nodes +command "
                   "+readonly +readwrite +asking +hgetall +hget +hmget +hset +hdel +del +exists "
                   "+type +scan +multi +exec +discard +watch +unwatch +wait +evalsha +script|load")
+# What the service and the server keep in the data directory (appendonlydir is a folder).
+OWN_FILES = ("port", "redis.conf", "redis.log", "nodes.conf", "*.password", "appendonly*",
+             "*.aof", "*.rdb", "temp-*")
 # A server that dies at once again is started again after these pauses, the last one repeated.
 RESTART_PAUSES = (0.0, 0.5, 1.0, 2.0, 5.0)
 _LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
@@ -110,15 +113,21 @@ def write_private(path: Path, text: str) -> None:
 
 
 def lock_down(directory: Path) -> None:
-    """Make directory and every folder in it 0700, every file in it 0600."""
+    """Make directory 0700, and what the database keeps in it 0600 (its folders 0700)."""
     try:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         directory.chmod(0o700)
-        for root, folders, files in os.walk(directory):
-            for name in folders + files:
-                path = Path(root, name)
-                if not path.is_symlink():
-                    path.chmod(0o700 if name in folders else 0o600)
+        for path in directory.iterdir():
+            # Only the database's own: a DATA_DIR that holds other things keeps their modes.
+            if path.is_symlink() or not any(path.match(name) for name in OWN_FILES):
+                continue
+            if path.is_dir():
+                path.chmod(0o700)
+                for inner in path.iterdir():
+                    if inner.is_file() and not inner.is_symlink():
+                        inner.chmod(0o600)
+            else:
+                path.chmod(0o600)
     except OSError as error:
         raise EmbeddedError(f"cannot make {error.filename} private: {error.strerror}") from None
 
@@ -220,6 +229,9 @@ class EmbeddedRedis:
                     client.execute_command("CLUSTER ADDSLOTS", *ALL_SLOTS)
                 while client.cluster("info").get("cluster_state") != "ok":
                     self._check_time(deadline)
+        except redis.RedisError as error:
+            self._kill()
+            raise EmbeddedError(f"valkey-server failed at start: {error}") from None
         except BaseException:
             self._kill()
             raise

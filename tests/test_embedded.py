@@ -64,6 +64,10 @@ def embedded_service(tmp_path_factory):
     (data / "appendonlydir").mkdir(mode=0o755)
     (data / "redis.log").write_text("an older version's log, readable by everyone\n")
     (data / "redis.log").chmod(0o644)
+    (data / "appendonlydir" / "leftover").write_text("")
+    (data / "appendonlydir" / "leftover").chmod(0o644)
+    (data / "notes.txt").write_text("an operator's file, not the database's\n")
+    (data / "notes.txt").chmod(0o644)
     with ServiceProcess(embedded_env(data.parent)) as service:
         assert call(service.url + "/customers/1", "PUT", {"name": "Joe"})[0] == 204
         yield service, data
@@ -96,6 +100,27 @@ def test_the_embedded_database_is_a_cluster_with_an_append_only_file(tmp_path):
     assert "cluster-enabled yes" in config
     assert "appendfsync always" in config
     assert "Joe" in "".join(path.read_text(errors="replace") for path in data.rglob("*.aof"))
+
+
+def test_the_embedded_database_is_valkey_8_1(embedded_service):
+    _, data = embedded_service
+    with embedded_client(data) as client:
+        assert client.info("server")["valkey_version"].startswith("8.1.")
+
+
+def test_redis_server_names_another_server_run_as_closed_as_the_bundled_one(
+        tmp_path, tls_redis_server_binary):
+    env = {**embedded_env(tmp_path), "REDIS_SERVER": tls_redis_server_binary}
+    with ServiceProcess(env) as service:
+        assert call(service.url + "/customers/1", "PUT", {"name": "Joe"})[0] == 204
+        assert call(service.url + "/customers/1")[2] == {"id": "1", "name": "Joe"}
+        data = tmp_path / "data"
+        with embedded_client(data) as client:
+            assert "valkey_version" not in client.info("server")
+        assert raw_reply(int((data / "port").read_text()), b"PING").startswith(b"-NOAUTH")
+        with embedded_client(data, SERVICE_USER, protocol=2) as client:
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                client.config_get("dir")
 
 
 def test_the_embedded_database_answers_noauth_to_a_client_without_the_password(
@@ -143,6 +168,8 @@ def test_the_data_directory_is_0700_and_every_file_in_it_0600(embedded_service):
     assert call(service.url + "/customers/2", "PUT", {"name": "Ann"})[0] == 204
     modes = {str(path.relative_to(data)): oct(path.stat().st_mode & 0o777)
              for path in data.rglob("*")}
+    # Another file there is the operator's: the 0700 folder guards it, its mode is its own.
+    assert modes.pop("notes.txt") == "0o644"
     assert oct(data.stat().st_mode & 0o777) == "0o700"
     assert {"service.password", "admin.password", "redis.conf", "nodes.conf", "redis.log",
             "port", "appendonlydir"} <= set(modes)
