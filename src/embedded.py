@@ -9,6 +9,8 @@ dbfilename) are disabled for everyone.
 
 Supervised: a thread of the main process waits on the server; when it dies it is started again
 on the same port, from its append-only file, so the workers' clients reconnect by themselves.
+The cluster bus (the port + 10000) takes cluster messages without a password, as in every
+Redis Cluster: the same thread forgets, and logs, any node that joins through it.
 """
 
 import ctypes
@@ -45,6 +47,8 @@ SERVICE_ACCESS = (f"~{KEY_PREFIX}* resetchannels -@all +auth +hello +ping "
 # What the service and the server keep in the data directory (appendonlydir is a folder).
 OWN_FILES = ("port", "redis.conf", "redis.log", "nodes.conf", "*.password", "appendonly*",
              "*.aof", "*.rdb", "temp-*")
+# How often the supervisor looks for nodes that joined the embedded one through its cluster bus.
+GUARD_SECONDS = 1.0
 # A server that dies at once again is started again after these pauses, the last one repeated.
 RESTART_PAUSES = (0.0, 0.5, 1.0, 2.0, 5.0)
 _LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
@@ -267,7 +271,11 @@ class EmbeddedRedis:
     def _supervise(self) -> None:
         """Start the server again whenever it dies, until stop(); waiting reaps it (no zombie)."""
         while True:
-            code = self.process.wait()
+            try:
+                code = self.process.wait(GUARD_SECONDS)
+            except subprocess.TimeoutExpired:
+                self._forget_strangers()
+                continue
             if self._stopping.is_set():
                 return
             died = time.monotonic()
@@ -288,6 +296,18 @@ class EmbeddedRedis:
                     # The supervisor must outlive anything a start can raise, or none is left.
                     log.exception("embedded database did not start again")
             log.warning("embedded database back after %.1f s", time.monotonic() - died)
+
+    def _forget_strangers(self) -> None:
+        """Forget and report any node that joined through the cluster bus (it has no password)."""
+        try:
+            with self.admin_client() as client:
+                for address, node in client.cluster("nodes").items():
+                    if "myself" not in node["flags"]:
+                        log.error("embedded database: node %s at %s joined through the "
+                                  "cluster bus; forgetting it", node["node_id"], address)
+                        client.execute_command("CLUSTER FORGET", node["node_id"])
+        except redis.RedisError as error:
+            log.debug("embedded database not checked for strangers: %s", error)
 
     def stop(self, timeout: float = 20.0) -> None:
         """Stop supervising, then stop the server; SIGTERM makes it flush the AOF and exit."""
