@@ -3,9 +3,9 @@
 Closed: the default user is off. The service connects as `service`, whose ACL allows its data
 commands on customer keys and what the cluster client needs (SERVICE_ACCESS); the supervisor
 alone uses `admin`, for CLUSTER ADDSLOTS on first start. Both passwords are drawn at random on
-first start and kept in 0600 files of the data directory, which is 0700, as is every file the
-server writes (it runs under umask 077). DEBUG, MODULE and the protected CONFIG settings (dir,
-dbfilename) are disabled for everyone.
+first start and kept in 0600 files of the data directory. That directory is 0700 and what the
+database keeps in it 0600: the server runs under umask 077, and each start mends older modes.
+DEBUG, MODULE and the protected CONFIG settings (dir, dbfilename) are off for everyone.
 
 Supervised: a thread of the main process waits on the server; when it dies it is started again
 on the same port, from its append-only file, so the workers' clients reconnect by themselves.
@@ -149,6 +149,7 @@ def password(path: Path) -> str:
 
 
 def _hashed(secret: str) -> str:
+    """Return the form of a password that an ACL line takes without the password itself."""
     return "#" + hashlib.sha256(secret.encode()).hexdigest()
 
 
@@ -189,6 +190,7 @@ class EmbeddedRedis:
         return "127.0.0.1", self.port
 
     def _config(self) -> str:
+        """Return the server's configuration file: durable, closed, a cluster of one."""
         return (
             f"port {self.port}\n"
             "bind 127.0.0.1\n"
@@ -264,6 +266,7 @@ class EmbeddedRedis:
         time.sleep(0.05)
 
     def _kill(self) -> None:
+        """Kill the server if it runs, and reap it."""
         if self.process.poll() is None:
             self.process.kill()
         self.process.wait()
