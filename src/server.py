@@ -22,7 +22,7 @@ import preconditions
 import request_log
 import validation
 from database import connect
-from embedded import EmbeddedError, EmbeddedRedis, find_redis_server
+from embedded import SERVICE_USER, EmbeddedError, EmbeddedRedis, find_redis_server
 from settings import Config, ConfigError, load_config
 from storage import (
     UNAVAILABLE,
@@ -311,7 +311,7 @@ def database_client(config: Config, max_connections: int):
 
 @contextlib.contextmanager
 def database(config: Config):
-    """Yield the config to connect with, running the embedded Redis when no DBHOST is set."""
+    """Yield the config to connect with, running the embedded database when no DBHOST is set."""
     if not config.embedded:
         yield config
         return
@@ -320,7 +320,8 @@ def database(config: Config):
     host, port = embedded.start()
     try:
         yield dataclasses.replace(config, db_host=host, db_port=port, db_tls=False,
-                                  db_username=None, db_password=None, db_wait_replicas=0)
+                                  db_username=SERVICE_USER, db_password=embedded.service_password,
+                                  db_wait_replicas=0)
     finally:
         embedded.stop()
 

@@ -10,16 +10,11 @@ from pathlib import Path
 
 import redis
 
-from embedded import free_cluster_port
+from embedded import SERVICE_ACCESS, free_cluster_port
 
 SLOTS = 16384
-# What the service's least-privilege ACL user may run: its data commands on customer keys,
-# and what redis-py's cluster client needs to connect and learn the topology.
-APP_ACCESS = ("~customer:* resetchannels -@all +auth +hello +ping "
-              "+cluster|slots +cluster|shards +cluster|info +cluster|nodes +command "
-              "+readonly +readwrite +asking +hgetall +hget +hmget +hset +hdel +del +exists "
-              "+type +hlen +hkeys +scan +multi +exec +discard +watch +unwatch +wait +evalsha "
-              "+script|load")
+# The service's least-privilege ACL user: the same access the embedded database gives it.
+APP_ACCESS = SERVICE_ACCESS
 
 
 def free_cluster_ports(count: int) -> list[int]:

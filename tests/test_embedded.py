@@ -2,14 +2,19 @@
 
 import http.client
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
+import redis
 
+from embedded import ADMIN_USER, SERVICE_USER
 from http_client import call
 from service_process import SERVER, ServiceProcess
 
@@ -21,6 +26,53 @@ def embedded_env(tmp_path) -> dict:
     return {"DATA_DIR": str(tmp_path / "data"), "WORKERS": "1", "DBHOST": "", "DB_HOST": ""}
 
 
+def embedded_client(data_dir: Path, user: str = ADMIN_USER, **options) -> redis.Redis:
+    """Return a client of the embedded database keeping data_dir, as user (password from file)."""
+    port = int((data_dir / "port").read_text())
+    password = (data_dir / f"{user}.password").read_text().strip()
+    return redis.Redis(port=port, username=user, password=password, socket_timeout=5,
+                       decode_responses=True, **options)
+
+
+def raw_reply(port: int, command: bytes) -> bytes:
+    """Send one inline command on a fresh connection and return the first line of the reply."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(command + b"\r\n")
+        return sock.makefile("rb").readline()
+
+
+def restart_embedded_database(service: ServiceProcess, data_dir: Path) -> int:
+    """Kill -9 the service's embedded database, wait until it serves again, return its pid."""
+    with embedded_client(data_dir) as client:
+        killed = int(client.info("server")["process_id"])
+    os.kill(killed, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while call(service.url + "/customers/restarted", "PUT", {"n": 1}, timeout=30)[0] != 204:
+        assert time.monotonic() < deadline, "the embedded database did not come back"
+        time.sleep(0.1)
+    with embedded_client(data_dir) as client:
+        started = int(client.info("server")["process_id"])
+    assert started != killed
+    return started
+
+
+@pytest.fixture(scope="module")
+def embedded_service(tmp_path_factory):
+    """One service on its embedded database, started over a data directory an older one left."""
+    data = tmp_path_factory.mktemp("embedded") / "data"
+    data.mkdir(mode=0o755)
+    (data / "appendonlydir").mkdir(mode=0o755)
+    (data / "redis.log").write_text("an older version's log, readable by everyone\n")
+    (data / "redis.log").chmod(0o644)
+    (data / "appendonlydir" / "leftover").write_text("")
+    (data / "appendonlydir" / "leftover").chmod(0o644)
+    (data / "notes.txt").write_text("an operator's file, not the database's\n")
+    (data / "notes.txt").chmod(0o644)
+    with ServiceProcess(embedded_env(data.parent)) as service:
+        assert call(service.url + "/customers/1", "PUT", {"name": "Joe"})[0] == 201
+        yield service, data
+
+
 def test_a_customer_written_to_the_embedded_database_survives_a_restart(tmp_path):
     env = embedded_env(tmp_path)
     with ServiceProcess(env) as service:
@@ -28,13 +80,15 @@ def test_a_customer_written_to_the_embedded_database_survives_a_restart(tmp_path
                                         {"name": "Joe", "balance": 1000})
         assert status == 201
     assert service.process.returncode == 0
-    assert "embedded Redis stopped" in service.printed
+    assert "embedded database stopped" in service.printed
+    password = (tmp_path / "data" / "service.password").read_text()
 
     with ServiceProcess(env) as service:
         status, _, body = call(service.url + "/customers/" + created["id"])
         assert status == 200
         assert body == created
         assert call(service.url + "/customers")[2] == [created]
+    assert (tmp_path / "data" / "service.password").read_text() == password
 
 
 def test_the_embedded_database_is_a_cluster_with_an_append_only_file(tmp_path):
@@ -45,7 +99,94 @@ def test_the_embedded_database_is_a_cluster_with_an_append_only_file(tmp_path):
     config = (data / "redis.conf").read_text()
     assert "cluster-enabled yes" in config
     assert "appendfsync always" in config
-    assert "Joe" in "".join(path.read_text(errors="replace") for path in data.glob("*.aof"))
+    assert "Joe" in "".join(path.read_text(errors="replace") for path in data.rglob("*.aof"))
+
+
+def test_the_embedded_database_is_valkey_8_1(embedded_service):
+    _, data = embedded_service
+    with embedded_client(data) as client:
+        assert client.info("server")["valkey_version"].startswith("8.1.")
+
+
+def test_redis_server_names_another_server_run_as_closed_as_the_bundled_one(
+        tmp_path, tls_redis_server_binary):
+    env = {**embedded_env(tmp_path), "REDIS_SERVER": tls_redis_server_binary}
+    with ServiceProcess(env) as service:
+        assert call(service.url + "/customers/1", "PUT", {"name": "Joe"})[0] == 201
+        assert call(service.url + "/customers/1")[2] == {"id": "1", "name": "Joe"}
+        data = tmp_path / "data"
+        with embedded_client(data) as client:
+            assert "valkey_version" not in client.info("server")
+        assert raw_reply(int((data / "port").read_text()), b"PING").startswith(b"-NOAUTH")
+        with embedded_client(data, SERVICE_USER, protocol=2) as client:
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                client.config_get("dir")
+
+
+def test_the_embedded_database_answers_noauth_to_a_client_without_the_password(
+        embedded_service):
+    service, data = embedded_service
+    port = int((data / "port").read_text())
+    assert raw_reply(port, b"PING").startswith(b"-NOAUTH")
+    assert raw_reply(port, b"CONFIG SET dir /tmp").startswith(b"-NOAUTH")
+    assert raw_reply(port, b"AUTH default nothing").startswith(b"-WRONGPASS")
+    assert raw_reply(port, b"AUTH service wrong-password").startswith(b"-WRONGPASS")
+    assert call(service.url + "/customers/1")[2] == {"id": "1", "name": "Joe"}
+
+
+@pytest.mark.parametrize("command", [
+    ("CONFIG", "GET", "*"), ("CONFIG", "SET", "dir", "/tmp"), ("DEBUG", "SLEEP", "0"),
+    ("MODULE", "LIST"), ("FLUSHALL",), ("SHUTDOWN", "NOSAVE"), ("ACL", "LIST"),
+    ("EVAL", "return 1", "0"), ("KEYS", "*"), ("CLUSTER", "RESET"), ("SET", "customer:9", "x"),
+    ("HSET", "other:1", "a", "b"),
+])
+def test_the_services_user_is_refused_what_the_service_never_sends(embedded_service, command):
+    _, data = embedded_service
+    with embedded_client(data, SERVICE_USER, protocol=2) as client:
+        # Refused by its ACL, or (DEBUG) for everyone: either way, never run.
+        with pytest.raises(redis.ResponseError, match="(?i)no permissions|command not allowed"):
+            client.execute_command(*command)
+        assert client.hgetall("customer:1") == {"name": "Joe"}
+
+
+@pytest.mark.parametrize(("command", "refusal"), [
+    (("DEBUG", "SLEEP", "0"), "DEBUG command not allowed"),
+    (("MODULE", "LOAD", "/tmp/x.so"), "MODULE command not allowed"),
+    (("CONFIG", "SET", "dir", "/tmp"), "protected config"),
+    (("CONFIG", "SET", "dbfilename", "x.rdb"), "protected config"),
+])
+def test_even_the_admin_user_cannot_debug_load_modules_or_move_files(embedded_service, command,
+                                                                      refusal):
+    _, data = embedded_service
+    with embedded_client(data) as client:
+        with pytest.raises(redis.ResponseError, match=refusal):
+            client.execute_command(*command)
+
+
+def test_the_data_directory_is_0700_and_every_file_in_it_0600(embedded_service):
+    service, data = embedded_service
+    assert call(service.url + "/customers/2", "PUT", {"name": "Ann"})[0] == 201
+    modes = {str(path.relative_to(data)): oct(path.stat().st_mode & 0o777)
+             for path in data.rglob("*")}
+    # Another file there is the operator's: the 0700 folder guards it, its mode is its own.
+    assert modes.pop("notes.txt") == "0o644"
+    assert oct(data.stat().st_mode & 0o777) == "0o700"
+    assert {"service.password", "admin.password", "redis.conf", "nodes.conf", "redis.log",
+            "port", "appendonlydir"} <= set(modes)
+    assert any(name.endswith(".aof") for name in modes)
+    assert {name: mode for name, mode in modes.items()
+            if mode != ("0o700" if (data / name).is_dir() else "0o600")} == {}
+
+
+def test_the_passwords_are_random_kept_and_never_written_in_the_config(embedded_service):
+    _, data = embedded_service
+    service_password = (data / "service.password").read_text().strip()
+    admin_password = (data / "admin.password").read_text().strip()
+    assert len(service_password) >= 32 and len(admin_password) >= 32
+    assert service_password != admin_password
+    config = (data / "redis.conf").read_text()
+    assert service_password not in config and admin_password not in config
+    assert "user default off" in config
 
 
 def test_server_py_runs_from_the_src_folder_as_in_the_original(tmp_path):
@@ -123,6 +264,8 @@ def test_the_embedded_database_stops_cleanly_even_when_the_service_is_killed(tmp
     env = embedded_env(tmp_path)
     service = ServiceProcess(env).start()
     call(service.url + "/customers/1", "PUT", {"name": "Joe"})
+    # The supervisor's thread started this one: it must go with the service all the same.
+    restart_embedded_database(service, tmp_path / "data")
     children = psutil.Process(service.process.pid).children()
     service.process.kill()
     service.stop()

@@ -2,25 +2,41 @@
 
 import os
 import signal
+import subprocess
 import threading
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import redis
 
+from embedded import free_cluster_port
 from http_client import call
 from mixed_load import MixedLoad, report, wait_until
 from service_process import ServiceProcess
-from test_embedded import embedded_env
+from test_embedded import embedded_client, embedded_env
 
 pytestmark = pytest.mark.cluster
 
 
 def embedded_pid(data_dir: Path) -> int:
-    """Return the process id of the embedded redis-server keeping data_dir."""
-    port = int((data_dir / "port").read_text())
-    with redis.Redis(port=port, socket_timeout=5) as client:
+    """Return the process id of the embedded database server keeping data_dir."""
+    with embedded_client(data_dir) as client:
         return int(client.info("server")["process_id"])
+
+
+def watch_health(url: str, seconds: float) -> list:
+    """Poll /healthz and /readyz for seconds; return (time, healthz seconds, readyz status)s."""
+    probes = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        began = time.monotonic()
+        assert call(url + "/healthz", timeout=10)[0] == 200
+        took = time.monotonic() - began
+        probes.append((began, took, call(url + "/readyz", timeout=10)[0]))
+        time.sleep(0.05)
+    return probes
 
 
 def requests_read_by(port: int) -> int:
@@ -34,20 +50,40 @@ def requests_read_by(port: int) -> int:
     return count
 
 
-def test_kill_9_of_the_embedded_redis_under_writes_loses_no_acknowledged_write(tmp_path):
+def test_kill_9_of_the_embedded_database_under_writes_restarts_it_and_loses_nothing(tmp_path):
     env = {**embedded_env(tmp_path), "DBRETRYSECONDS": "0"}
+    data = tmp_path / "data"
     with ServiceProcess(env) as service:
         load = MixedLoad(service.url, threads=4).start()
         load.wait_for_successes(300)
-        os.kill(embedded_pid(tmp_path / "data"), signal.SIGKILL)
-        wait_until(lambda: any(outcome.status == "503" for outcome in load.outcomes))
+        killed = embedded_pid(data)
+        os.kill(killed, signal.SIGKILL)
+        killed_at = time.monotonic()
+        probes = watch_health(service.url, seconds=6)
+        load.wait_for_successes(300)
         load.stop()
-    assert service.process.returncode == 0
-    with ServiceProcess(env) as service:
+        restarted = embedded_pid(data)
         lost = load.lost_writes(service.url)
-        report("Embedded Redis killed (kill -9) under writes, service restarted", load, len(lost))
+        first_write = min(outcome.ended for outcome in load.outcomes if outcome.ok
+                          and outcome.op in ("create", "update") and outcome.started > killed_at)
+        not_ready = next(began for began, _, status in probes if status == 503)
+        ready_again = next(began for began, _, status in probes
+                           if status == 200 and began > not_ready)
+        report("Embedded database killed (kill -9) under writes, restarted by the service",
+               load, len(lost), {
+                   "kill -9 to first acknowledged write": f"{first_write - killed_at:.2f} s",
+                   "kill -9 to /readyz ready": f"{ready_again - killed_at:.2f} s",
+                   "slowest /healthz meanwhile": f"{max(took for _, took, _ in probes):.3f} s"})
     assert lost == []
     assert len(load.acknowledged) >= 20
+    assert restarted != killed
+    # Reaped by the service: gone, not left a zombie.
+    assert not psutil.pid_exists(killed) or psutil.Process(killed).status() != "zombie"
+    assert first_write - killed_at < 5
+    assert ready_again - killed_at < 5
+    assert max(took for _, took, _ in probes) < 0.5
+    assert "embedded database died (exit -9)" in service.printed
+    assert service.process.returncode == 0
 
 
 def test_sigterm_lets_requests_in_flight_finish_then_exits_0_and_stops_redis(tmp_path):
@@ -63,7 +99,7 @@ def test_sigterm_lets_requests_in_flight_finish_then_exits_0_and_stops_redis(tmp
     senders = [threading.Thread(target=put, args=(n,)) for n in (1, 2, 3)]
     database = embedded_pid(tmp_path / "data")
     try:
-        assert call(service.url + "/customers/0", "PUT", {"n": 0})[0] == 204
+        assert call(service.url + "/customers/0", "PUT", {"n": 0})[0] == 201
         os.kill(database, signal.SIGSTOP)
         for sender in senders:
             sender.start()
@@ -76,8 +112,40 @@ def test_sigterm_lets_requests_in_flight_finish_then_exits_0_and_stops_redis(tmp
         for sender in senders:
             sender.join(60)
         exit_code = service.stop()
-    assert answers == {1: 204, 2: 204, 3: 204}
+    assert answers == {1: 201, 2: 201, 3: 201}
     assert exit_code == 0
-    assert "embedded Redis stopped (exit 0)" in service.printed
+    assert "embedded database stopped (exit 0)" in service.printed
     with ServiceProcess(env) as service:
         assert call(service.url + "/customers/3")[2] == {"id": "3", "n": 3}
+
+
+def answers(client: redis.Redis) -> bool:
+    """Tell whether a server answers PING now."""
+    try:
+        return client.ping()
+    except redis.ConnectionError:
+        return False
+
+
+def test_a_node_that_joins_through_the_cluster_bus_is_forgotten_and_reported(
+        tmp_path, redis_server_binary):
+    # The bus has no password in any Redis Cluster: a local user's own node can meet ours.
+    data = tmp_path / "data"
+    with ServiceProcess(embedded_env(tmp_path)) as service:
+        port = free_cluster_port()
+        stranger = subprocess.Popen(
+            [redis_server_binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", tmp_path,
+             "--cluster-enabled", "yes", "--save", ""], stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL)
+        try:
+            with redis.Redis(port=port) as client:
+                wait_until(lambda: answers(client), 15)
+                client.execute_command("CLUSTER MEET", "127.0.0.1",
+                                       int((data / "port").read_text()))
+            wait_until(lambda: "joined through the cluster bus" in service.output(), 15)
+            with embedded_client(data) as client:
+                wait_until(lambda: len(client.cluster("nodes")) == 1, 15)
+            assert call(service.url + "/customers/1", "PUT", {"name": "Joe"})[0] == 201
+        finally:
+            stranger.terminate()
+            stranger.wait(15)
