@@ -13,7 +13,6 @@ from array import array
 
 from redis.exceptions import AskError, ClusterError
 
-from bulk import Batch
 from database import primary_of
 from storage import KEY_PREFIX, UNAVAILABLE, CustomerStore, addressable, decode, decode_all
 
@@ -67,11 +66,11 @@ def _slot_layout(redis) -> list:
     raise failure or ClusterError("no node of the cluster is known")
 
 
-def fetch(redis, node, keys) -> list:
+def fetch(redis, node, keys, batch) -> list:
     """Read whole customers from one node in one round trip, skipping keys gone or retyped."""
     if not keys:
         return []
-    replies, _ = Batch(node, keys).receive()
+    replies, _ = batch(node, keys).receive()
     return customers_of(redis, keys, replies)
 
 
@@ -144,10 +143,10 @@ def _unb64(text: str) -> bytes:
 def page(store: CustomerStore, limit: int, token: str | None, key: bytes):
     """Return at most limit customers from where token left off, and the token of the rest."""
     position = decode_cursor(token, key) if token else None
-    return store.retrying(_page, store.redis, limit, position, key)
+    return store.retrying(_page, store.redis, store.batch, limit, position, key)
 
 
-def _page(redis, limit: int, position: list | None, key: bytes) -> tuple[list, str | None]:
+def _page(redis, batch, limit: int, position: list | None, key: bytes) -> tuple[list, str | None]:
     """Walk SCAN steps from position until limit customers are taken; see docs/listing.md.
 
     A SCAN step is never run twice: the keys of a step beyond the page travel in the next
@@ -173,7 +172,7 @@ def _page(redis, limit: int, position: list | None, key: bytes) -> tuple[list, s
             index, cursor, pending = before
             break
         taken.update(keys)
-        customers += fetch(redis, node, keys)
+        customers += fetch(redis, node, keys, batch)
         if pending or len(taken) == limit or index == len(nodes):
             break
         before, node = (index, cursor, []), nodes[index]
@@ -226,7 +225,7 @@ def walk(store: CustomerStore):
     deadline = None
     while True:
         try:
-            for customers in _batches(store.redis, topology(store.redis)[1], seen):
+            for customers in _batches(store.redis, store.batch, topology(store.redis)[1], seen):
                 sent = True
                 yield customers
             return
@@ -243,14 +242,14 @@ def walk(store: CustomerStore):
             time.sleep(RESUME_PAUSE_SECONDS)
 
 
-def _batches(redis, nodes: list, seen: SeenKeys):
+def _batches(redis, batch_class, nodes: list, seen: SeenKeys):
     """Yield the customers of every node not in seen, a batch at a time, adding their keys to seen.
 
     A node's next batch goes out before this batch's customers are decoded, and a node's first
     SCAN step goes out with the last batch of the node before it: they read while we decode.
     """
     at, upcoming = 0, None
-    batch = Batch(nodes[0], [], scan_arguments(0, SCAN_COUNT)) if nodes else None
+    batch = batch_class(nodes[0], [], scan_arguments(0, SCAN_COUNT)) if nodes else None
     try:
         while batch:
             keys, (replies, scanned) = batch.keys, batch.receive()
@@ -264,9 +263,9 @@ def _batches(redis, nodes: list, seen: SeenKeys):
                 cursor, found = int(scanned[0]), scanned[1]
                 fresh = addressable(seen.unseen(found, besides=keys))
                 step = scan_arguments(cursor, SCAN_COUNT) if cursor else ()
-                batch = Batch(nodes[at], fresh, step)
+                batch = batch_class(nodes[at], fresh, step)
                 if not cursor and at + 1 < len(nodes):
-                    upcoming = Batch(nodes[at + 1], [], scan_arguments(0, SCAN_COUNT))
+                    upcoming = batch_class(nodes[at + 1], [], scan_arguments(0, SCAN_COUNT))
             customers = customers_of(redis, keys, replies)
             # Only keys whose customers are in hand count as sent.
             seen.update(keys)

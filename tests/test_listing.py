@@ -11,6 +11,7 @@ import pytest
 import redis
 from flask import Flask
 
+from bulk import Batch, PipelineBatch
 from conftest import cluster_config
 from database import connect, primary_of
 from listing import encode_cursor, fetch, topology, walk
@@ -91,7 +92,8 @@ def test_streaming_returns_the_same_customers_as_paging(client, redis_client):
 
 
 @pytest.mark.cluster
-def test_fetch_follows_a_moved_key_and_skips_keys_gone_or_retyped(redis_cluster):
+@pytest.mark.parametrize("batch", [Batch, PipelineBatch])
+def test_fetch_follows_a_moved_key_and_skips_keys_gone_or_retyped(redis_cluster, batch):
     redis_cluster.flush()
     redis_client = connect(cluster_config(redis_cluster))
     try:
@@ -102,10 +104,10 @@ def test_fetch_follows_a_moved_key_and_skips_keys_gone_or_retyped(redis_cluster)
             other = primary_of(redis_client, "customer:c")
         assert other.connection_pool is not home.connection_pool
         customer = {"id": "a", "name": "A", "n": 1}
-        assert fetch(redis_client, other, ["customer:a"]) == [customer]
+        assert fetch(redis_client, other, ["customer:a"], batch) == [customer]
         text_home = primary_of(redis_client, "customer:text")
-        assert fetch(redis_client, text_home, ["customer:text", "customer:gone"]) == []
-        assert fetch(redis_client, home, ["customer:a"]) == [customer]
+        assert fetch(redis_client, text_home, ["customer:text", "customer:gone"], batch) == []
+        assert fetch(redis_client, home, ["customer:a"], batch) == [customer]
         # The connection the batch used is back in the pool, and serves the next command.
         assert home.hgetall("customer:a") == {"name": "A", "n": "1", "_type:n": "int"}
     finally:
