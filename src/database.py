@@ -95,7 +95,7 @@ def connect(config, max_connections=None, credential_provider=None) -> LazyClust
         "password": config.db_password,
         "decode_responses": True,
         # Bytes that are not UTF-8 (another program's) read as surrogates instead of failing
-        # the reply; the service never writes them back (see storage.valid_id and dumps).
+        # the reply; they are never written back (storage.valid_id, representation.dumps).
         "encoding_errors": "surrogateescape",
         # RESP2: every engine MemoryDB and ElastiCache run speaks it, and hiredis builds its
         # flat lists several times faster than RESP3's maps (listing reads thousands of hashes).

@@ -14,7 +14,15 @@ from array import array
 from redis.exceptions import AskError, ClusterError
 
 from database import primary_of
-from storage import KEY_PREFIX, UNAVAILABLE, CustomerStore, addressable, decode, decode_all
+from storage import (
+    KEY_PREFIX,
+    UNAVAILABLE,
+    CustomerStore,
+    addressable,
+    decode,
+    decode_all,
+    is_wrongtype,
+)
 
 log = logging.getLogger(__name__)
 # Keys a SCAN step asks for, and so customers a batch reads: small enough that a batch's
@@ -86,7 +94,7 @@ def customers_of(redis, keys: list, replies: list) -> list:
             if isinstance(raw, AskError):
                 # MOVED or ASK: a resharding moved the key; the cluster client follows it.
                 raw = redis.hgetall(key)
-            elif "WRONGTYPE" in str(raw):
+            elif is_wrongtype(raw):
                 continue
             else:
                 raise raw

@@ -3,7 +3,7 @@
 from flask import Response, request
 
 import errors
-from storage import canonical, fingerprint
+from representation import canonical, fingerprint, version
 
 
 def tagged(customer: dict, read: bool = True) -> Response:
@@ -24,12 +24,13 @@ def tagged(customer: dict, read: bool = True) -> Response:
 
 
 def write_condition():
-    """Return a test of the current version (None: no customer) for If-Match and If-None-Match."""
+    """Return a test of the current customer (None: none) for If-Match and If-None-Match."""
     if_match, if_none_match = request.if_match, request.if_none_match
     if not if_match and not if_none_match:
         return None
 
-    def holds(current: str | None) -> bool:
+    def holds(customer: dict | None) -> bool:
+        current = version(customer) if customer else None
         if if_match and (current is None or not if_match.contains(current)):
             return False
         # If-None-Match compares weakly, so a W/ tag of the current version fails too.

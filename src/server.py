@@ -19,6 +19,7 @@ import health
 import iam_auth
 import listing
 import preconditions
+import representation
 import request_log
 import validation
 from database import connect
@@ -31,7 +32,6 @@ from storage import (
     NothingLeft,
     PreconditionFailed,
     TooManyFields,
-    dumps,
 )
 
 log = logging.getLogger("customers")
@@ -78,7 +78,8 @@ def page_arguments() -> tuple[int, str | None] | None:
 
 def json_response(item, status: int = 200, headers: dict | None = None) -> Response:
     """Answer with item as JSON, encoded by orjson."""
-    return Response(dumps(item) + b"\n", status, headers, mimetype="application/json")
+    body = representation.dumps(item) + b"\n"
+    return Response(body, status, headers, mimetype="application/json")
 
 
 def members(items: list) -> bytes:
@@ -87,7 +88,7 @@ def members(items: list) -> bytes:
         # orjson encodes a list of items in far less time than each item alone.
         return orjson.dumps(items)[1:-1]
     except orjson.JSONEncodeError:
-        return b",".join(dumps(item) for item in items)
+        return b",".join(representation.dumps(item) for item in items)
 
 
 def stream_json_array(batches) -> Response:

@@ -1,12 +1,10 @@
 """Keep customers in Redis: one hash per customer, typed values kept as plain text."""
 
 import hashlib
-import json
 import logging
 import re
 import uuid
 
-import orjson
 from redis import exceptions as rx
 
 from bulk import batch_class
@@ -268,50 +266,6 @@ def _written(names: tuple):
     return eval(f"lambda customer_id, raw: {{{', '.join(items)}}}", scope)
 
 
-def dumps(item) -> bytes:
-    """Encode as compact JSON: orjson's speed, json's range (integers beyond 64 bits), and
-    stored bytes that are not UTF-8 as U+FFFD."""
-    try:
-        return orjson.dumps(item)
-    except orjson.JSONEncodeError:
-        text = _as_text(item)
-        if text != item:
-            parts = item if isinstance(item, list) else [item]
-            log.warning("customers %a hold bytes that are not UTF-8: sent as U+FFFD",
-                        [part.get("id") for part in parts
-                         if isinstance(part, dict) and _as_text(part) != part])
-        return json.dumps(text, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-def _as_text(item):
-    """Return item with each stored byte that is not UTF-8 (a surrogate) turned into U+FFFD."""
-    if isinstance(item, dict):
-        return {_as_text(name): _as_text(value) for name, value in item.items()}
-    if isinstance(item, list):
-        return [_as_text(value) for value in item]
-    if isinstance(item, str) and UNADDRESSABLE.search(item):
-        try:
-            return item.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-        except UnicodeEncodeError:
-            return item.encode("utf-8", "replace").decode("utf-8")
-    return item
-
-
-def canonical(customer: dict) -> bytes:
-    """Return a customer as JSON, id first, other fields sorted: equal content, equal bytes."""
-    return dumps({"id": customer["id"], **dict(sorted(customer.items()))})
-
-
-def fingerprint(text: bytes) -> str:
-    """Return the version of a customer from its canonical JSON."""
-    return hashlib.blake2b(text, digest_size=16).hexdigest()
-
-
-def version(customer: dict) -> str:
-    """Return a fingerprint of a customer's content: equal content, equal version."""
-    return fingerprint(canonical(customer))
-
-
 def flat(pairs: dict) -> list:
     """Return name, value, name, value...: the arguments HSET takes."""
     return [part for pair in pairs.items() for part in pair]
@@ -453,10 +407,10 @@ class CustomerStore:
 
     @retried
     def merge_if(self, customer_id: str, fields: dict, condition) -> bool:
-        """Merge fields into a customer in one atomic step if condition(version or None) holds;
+        """Merge fields into a customer in one atomic step if condition(customer or None) holds;
         True if that created it."""
         def plan(current):
-            if not condition(version(current) if current else None):
+            if not condition(current):
                 raise PreconditionFailed(customer_id)
             return self._merged(customer_id, current, fields)
 
@@ -469,7 +423,7 @@ class CustomerStore:
         def plan(current):
             if current is None:
                 return []
-            if condition and not condition(version(current)):
+            if condition and not condition(current):
                 raise PreconditionFailed(customer_id)
             if not any(name != "id" for name in patched(current, fields)):
                 raise NothingLeft(customer_id)
@@ -480,9 +434,9 @@ class CustomerStore:
 
     @retried
     def delete_if(self, customer_id: str, condition) -> None:
-        """Remove a customer in one atomic step if condition(current version or None) holds."""
+        """Remove a customer in one atomic step if condition(customer or None) holds."""
         def plan(current):
-            if not condition(version(current) if current else None):
+            if not condition(current):
                 raise PreconditionFailed(customer_id)
             return [("DEL", customer_key(customer_id))]
 
