@@ -40,9 +40,9 @@ DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 
 
-def no_content() -> Response:
-    """Answer 204 with no body and no content type."""
-    response = Response(status=204)
+def no_content(status: int = 204, headers: dict | None = None) -> Response:
+    """Answer with no body and no content type: 204, or 201 for a PUT that created."""
+    response = Response(status=status, headers=headers)
     del response.headers["Content-Type"]
     return response
 
@@ -230,7 +230,7 @@ class Customers_ID(Resource):  # noqa: N801 - the name of the original design
             too_many_fields(error)
         if created:
             log.info("created customer %s", customer_id)
-            return Response(status=201, headers={"Location": customer_url(customer_id)})
+            return no_content(201, {"Location": customer_url(customer_id)})
         return no_content()
 
     def patch(self, customer_id):

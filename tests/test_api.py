@@ -43,7 +43,7 @@ def test_put_creates_a_customer_that_does_not_exist_with_201_and_its_location(cl
     response = client.put("/customers/1", json=JOE)
     assert response.status_code == 201
     assert response.headers["Location"] == "/customers/1"
-    assert response.data == b""
+    assert response.data == b"" and "Content-Type" not in response.headers
     assert client.get("/customers/1").get_json() == {"id": "1", **JOE}
     assert client.put("/customers/1", json=JOE).status_code == 204
 
