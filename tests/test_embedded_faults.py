@@ -2,16 +2,13 @@
 
 import os
 import signal
-import subprocess
 import threading
 import time
 from pathlib import Path
 
 import psutil
 import pytest
-import redis
 
-from embedded import free_cluster_port
 from http_client import call
 from mixed_load import MixedLoad, report, wait_until
 from service_process import ServiceProcess
@@ -117,35 +114,3 @@ def test_sigterm_lets_requests_in_flight_finish_then_exits_0_and_stops_redis(tmp
     assert "embedded database stopped (exit 0)" in service.printed
     with ServiceProcess(env) as service:
         assert call(service.url + "/customers/3")[2] == {"id": "3", "n": 3}
-
-
-def answers(client: redis.Redis) -> bool:
-    """Tell whether a server answers PING now."""
-    try:
-        return client.ping()
-    except redis.ConnectionError:
-        return False
-
-
-def test_a_node_that_joins_through_the_cluster_bus_is_forgotten_and_reported(
-        tmp_path, redis_server_binary):
-    # The bus has no password in any Redis Cluster: a local user's own node can meet ours.
-    data = tmp_path / "data"
-    with ServiceProcess(embedded_env(tmp_path)) as service:
-        port = free_cluster_port()
-        stranger = subprocess.Popen(
-            [redis_server_binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", tmp_path,
-             "--cluster-enabled", "yes", "--save", ""], stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL)
-        try:
-            with redis.Redis(port=port) as client:
-                wait_until(lambda: answers(client), 15)
-                client.execute_command("CLUSTER MEET", "127.0.0.1",
-                                       int((data / "port").read_text()))
-            wait_until(lambda: "joined through the cluster bus" in service.output(), 15)
-            with embedded_client(data) as client:
-                wait_until(lambda: len(client.cluster("nodes")) == 1, 15)
-            assert call(service.url + "/customers/1", "PUT", {"name": "Joe"})[0] == 201
-        finally:
-            stranger.terminate()
-            stranger.wait(15)
