@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from storage import KEY_PREFIX
 
@@ -196,9 +198,10 @@ class EmbeddedRedis:
 
     def admin_client(self) -> redis.Redis:
         """Return a client of the server as its admin user (the supervisor's identity)."""
+        # No retries of its own: _wait tries again, and sees meanwhile whether the server died.
         return redis.Redis(unix_socket_path=str(self.socket), username=ADMIN_USER,
                            password=self.admin_password, socket_timeout=2,
-                           decode_responses=True)
+                           decode_responses=True, retry=Retry(NoBackoff(), 0))
 
     def _run(self, timeout: float) -> None:
         """Launch the server and wait until it answers; kill it if that fails."""
