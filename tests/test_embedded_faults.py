@@ -85,6 +85,29 @@ def test_kill_9_of_the_embedded_database_under_writes_restarts_it_and_loses_noth
     assert service.process.returncode == 0
 
 
+def test_with_retries_reads_and_writes_never_see_a_kill_9_of_the_embedded_database(tmp_path):
+    # DBRETRYSECONDS (4 s by default) outlasts the restart: the plain client's errors are
+    # retried, and the reads and writes in flight wait for the new server instead of failing.
+    with ServiceProcess(embedded_env(tmp_path)) as service:
+        load = MixedLoad(service.url, threads=4).start()
+        load.wait_for_successes(200)
+        killed = embedded_pid(tmp_path / "data")
+        os.kill(killed, signal.SIGKILL)
+        killed_at = time.monotonic()
+        wait_until(lambda: "embedded database back after" in service.output(), 10)
+        load.wait_for_successes(200)
+        load.stop()
+        lost = load.lost_writes(service.url)
+        in_flight = sum(outcome.started < killed_at < outcome.ended for outcome in load.outcomes)
+        report("Embedded database killed (kill -9) under writes, DBRETRYSECONDS=4", load,
+               len(lost), {"requests in flight at the kill": str(in_flight)})
+    assert lost == []
+    assert in_flight >= 1
+    # A whole list that has sent nothing yet answers 503 at once rather than wait (listing.walk).
+    assert [outcome for outcome in load.outcomes if not outcome.ok and outcome.op != "list"] == []
+    assert "embedded database died (exit -9)" in service.printed
+
+
 def test_while_the_embedded_database_cannot_start_again_readyz_is_503_until_it_can(tmp_path):
     data = tmp_path / "data"
     with ServiceProcess({**embedded_env(tmp_path), "DBRETRYSECONDS": "0"}) as service:
