@@ -375,6 +375,14 @@ def test_invalid_configuration_is_one_clear_line_and_a_failed_exit(tmp_path, env
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_a_data_dir_too_long_for_a_unix_socket_is_refused_at_start(tmp_path):
+    env = {**embedded_env(tmp_path), "DATA_DIR": str(tmp_path / ("d" * 100))}
+    result = subprocess.run([sys.executable, str(SERVER)], env={**os.environ, **env},
+                            capture_output=True, text=True, timeout=30, cwd=tmp_path)
+    assert result.returncode == 1
+    assert "DATA_DIR is too long for a unix socket" in result.stderr
+
+
 def test_the_embedded_database_stops_cleanly_even_when_the_service_is_killed(tmp_path):
     env = embedded_env(tmp_path)
     service = ServiceProcess(env).start()
