@@ -1,16 +1,16 @@
-"""Run a durable single-node Valkey Cluster beside the service: closed to others, supervised.
+"""Run a durable standalone Valkey beside the service: closed to others, supervised.
 
-Closed: the default user is off. The service connects as `service`, whose ACL allows its data
-commands on customer keys and what the cluster client needs (SERVICE_ACCESS); the supervisor
-alone uses `admin`, for CLUSTER ADDSLOTS on first start. Both passwords are drawn at random on
-first start and kept in 0600 files of the data directory. That directory is 0700 and what the
-database keeps in it 0600: the server runs under umask 077, and each start mends older modes.
-DEBUG, MODULE and the protected CONFIG settings (dir, dbfilename) are off for everyone.
+Closed: the server listens on a unix socket in a 0700 folder of the 0700 data directory, and
+on no TCP port unless EMBEDDED_PORT asks for one (on 127.0.0.1). It runs standalone, not as a
+cluster: a cluster node's bus takes cluster messages from anyone, without a password. The
+default user is off. The service connects as `service`, whose ACL allows its data commands on
+customer keys (SERVICE_ACCESS); the supervisor uses `admin`. Both passwords are drawn at random
+on first start and kept in 0600 files of the data directory; what the database keeps there is
+0600 too: the server runs under umask 077, and each start mends older modes. DEBUG, MODULE and
+the protected CONFIG settings (dir, dbfilename) are off for everyone.
 
 Supervised: a thread of the main process waits on the server; when it dies it is started again
-on the same port, from its append-only file, so the workers' clients reconnect by themselves.
-The cluster bus (the port + 10000) takes cluster messages without a password, as in every
-Redis Cluster: the same thread forgets, and logs, any node that joins through it.
+on the same socket, from its append-only file, so the workers' clients reconnect by themselves.
 """
 
 import ctypes
@@ -18,7 +18,6 @@ import hashlib
 import itertools
 import logging
 import os
-import random
 import secrets
 import shutil
 import signal
@@ -30,26 +29,31 @@ import time
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from storage import KEY_PREFIX
 
 log = logging.getLogger(__name__)
-ALL_SLOTS = range(16384)
 SERVICE_USER = "service"
 ADMIN_USER = "admin"
 # What the service's user may run: its data commands on customer keys, and what redis-py's
-# cluster client needs to connect and learn the topology. The tests' MemoryDB-shaped cluster
-# gives its app user the same string, so the service is tested under it.
+# cluster client needs on a managed cluster (the embedded server is no cluster and refuses the
+# CLUSTER ones). The tests' MemoryDB-shaped cluster gives its app user the same string, so the
+# service is tested under it.
 SERVICE_ACCESS = (f"~{KEY_PREFIX}* resetchannels -@all +auth +hello +ping "
                   "+cluster|slots +cluster|shards +cluster|info +cluster|nodes +command "
                   "+readonly +readwrite +asking +hgetall +hget +hmget +hset +hdel +del +exists "
                   "+type +hlen +hkeys +scan +multi +exec +discard +watch +unwatch +wait "
                   "+evalsha +script|load")
 # What the service and the server keep in the data directory (appendonlydir is a folder).
-OWN_FILES = ("port", "redis.conf", "redis.log", "nodes.conf", "*.password", "appendonly*",
-             "*.aof", "*.rdb", "temp-*")
-# How often the supervisor looks for nodes that joined the embedded one through its cluster bus.
-GUARD_SECONDS = 1.0
+# "port" and "nodes.conf" are left by the former cluster-mode server, which listened on TCP.
+OWN_FILES = ("socket", "redis.conf", "redis.log", "*.password", "appendonly*", "*.aof", "*.rdb",
+             "temp-*", "port", "nodes.conf")
+# Where the server listens, in the data directory: a folder of its own, 0700, for the socket.
+SOCKET = Path("socket", "db.sock")
+# Linux keeps a unix socket's path in 108 bytes, the last one a NUL.
+MAX_SOCKET_PATH_BYTES = 107
 # A server that dies at once again is started again after these pauses, the last one repeated.
 RESTART_PAUSES = (0.0, 0.5, 1.0, 2.0, 5.0)
 _LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
@@ -81,26 +85,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def port_free(port: int) -> bool:
-    """Tell whether a loopback TCP port can be listened on now."""
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_cluster_port(taken=()) -> int:
-    """Return a free port whose cluster bus port (the port + 10000) is free too."""
-    while True:
-        # Below the kernel's ephemeral range (32768 and up), for the bus port too: a node
-        # restarted later must not find its port taken by some client's connection.
-        port = random.randint(10000, 22700)
-        if port not in taken and port_free(port) and port_free(port + 10000):
-            return port
 
 
 def _child_setup():
@@ -155,52 +139,52 @@ def _hashed(secret: str) -> str:
 
 
 class EmbeddedRedis:
-    """A valkey-server in cluster mode, AOF with fsync on every write, restarted if it dies."""
+    """A standalone valkey-server on a unix socket, AOF with fsync on every write, restarted."""
 
     def __init__(self, data_dir: str, binary: str, port: int = 0):
         self.data_dir = Path(data_dir).resolve()
+        self.socket = self.data_dir / SOCKET
         self.binary = binary
-        self.port = port or self._remembered_port() or free_cluster_port()
+        self.port = port
         self.process = None
         self.service_password = self.admin_password = None
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._watcher = None
 
-    def _remembered_port(self) -> int | None:
-        # The same port across restarts keeps redis-cli habits and nodes.conf stable.
-        try:
-            port = int((self.data_dir / "port").read_text())
-        except (OSError, ValueError):
-            return None
-        return port if port_free(port) and port_free(port + 10000) else None
-
-    def start(self, timeout: float = 20.0) -> tuple[str, int]:
-        """Start the server, give it every slot if it is new, wait until ok, then supervise it."""
+    def start(self, timeout: float = 20.0) -> str:
+        """Start the server, wait until it answers, supervise it; return its socket's path."""
+        if len(os.fsencode(self.socket)) > MAX_SOCKET_PATH_BYTES:
+            raise EmbeddedError(f"DATA_DIR is too long for a unix socket in it ({self.socket} "
+                                f"is over {MAX_SOCKET_PATH_BYTES} bytes): choose a shorter one")
         lock_down(self.data_dir)
-        write_private(self.data_dir / "port", str(self.port))
+        self.socket.parent.mkdir(mode=0o700, exist_ok=True)
+        if self.socket.parent.is_symlink() or not self.socket.parent.is_dir():
+            raise EmbeddedError(f"{self.socket.parent} must be a folder of the database's own")
         self.service_password = password(self.data_dir / f"{SERVICE_USER}.password")
         self.admin_password = password(self.data_dir / f"{ADMIN_USER}.password")
         write_private(self.data_dir / "redis.conf", self._config())
         self._run(timeout)
-        log.info("embedded database %s on 127.0.0.1:%s, data in %s",
-                 self.binary, self.port, self.data_dir)
+        log.info("embedded database %s on %s%s, data in %s", self.binary, self.socket,
+                 f" and 127.0.0.1:{self.port}" if self.port else "", self.data_dir)
         self._watcher = threading.Thread(target=self._supervise, name="embedded-database",
                                          daemon=True)
         self._watcher.start()
-        return "127.0.0.1", self.port
+        return str(self.socket)
 
     def _config(self) -> str:
-        """Return the server's configuration file: durable, closed, a cluster of one."""
+        """Return the server's configuration file: durable, closed, standalone, on a socket."""
         return (
             f"port {self.port}\n"
             "bind 127.0.0.1\n"
+            f"unixsocket {self.socket}\n"
+            # Only a process of this user can connect: the socket is 0600 in a 0700 folder.
+            "unixsocketperm 600\n"
             "protected-mode yes\n"
             "daemonize no\n"
             f"dir {self.data_dir}\n"
             "logfile redis.log\n"
-            "cluster-enabled yes\n"
-            "cluster-config-file nodes.conf\n"
+            "cluster-enabled no\n"
             "appendonly yes\n"
             "appendfsync always\n"
             'save ""\n'
@@ -214,11 +198,13 @@ class EmbeddedRedis:
 
     def admin_client(self) -> redis.Redis:
         """Return a client of the server as its admin user (the supervisor's identity)."""
-        return redis.Redis(port=self.port, username=ADMIN_USER, password=self.admin_password,
-                           socket_timeout=2, decode_responses=True)
+        # No retries of its own: _wait tries again, and sees meanwhile whether the server died.
+        return redis.Redis(unix_socket_path=str(self.socket), username=ADMIN_USER,
+                           password=self.admin_password, socket_timeout=2,
+                           decode_responses=True, retry=Retry(NoBackoff(), 0))
 
     def _run(self, timeout: float) -> None:
-        """Launch the server and wait until its cluster is ok; kill it if that fails."""
+        """Launch the server and wait until it answers; kill it if that fails."""
         with self._lock:
             if self._stopping.is_set():
                 raise EmbeddedError("the service is stopping")
@@ -232,10 +218,6 @@ class EmbeddedRedis:
         try:
             with self.admin_client() as client:
                 self._wait(client, deadline)
-                if client.cluster("info").get("cluster_slots_assigned") == "0":
-                    client.execute_command("CLUSTER ADDSLOTS", *ALL_SLOTS)
-                while client.cluster("info").get("cluster_state") != "ok":
-                    self._check_time(deadline)
         except redis.RedisError as error:
             self._kill()
             raise EmbeddedError(f"valkey-server failed at start: {error}") from None
@@ -275,16 +257,11 @@ class EmbeddedRedis:
     def _supervise(self) -> None:
         """Start the server again whenever it dies, until stop(); waiting reaps it (no zombie)."""
         while True:
-            try:
-                code = self.process.wait(GUARD_SECONDS)
-            except subprocess.TimeoutExpired:
-                self._forget_strangers()
-                continue
+            code = self.process.wait()
             if self._stopping.is_set():
                 return
             died = time.monotonic()
-            log.error("embedded database died (exit %s); starting it again on port %s",
-                      code, self.port)
+            log.error("embedded database died (exit %s); starting it again", code)
             for attempt in itertools.count():
                 pause = RESTART_PAUSES[min(attempt, len(RESTART_PAUSES) - 1)]
                 if self._stopping.wait(pause):
@@ -300,18 +277,6 @@ class EmbeddedRedis:
                     # The supervisor must outlive anything a start can raise, or none is left.
                     log.exception("embedded database did not start again")
             log.warning("embedded database back after %.1f s", time.monotonic() - died)
-
-    def _forget_strangers(self) -> None:
-        """Forget and report any node that joined through the cluster bus (it has no password)."""
-        try:
-            with self.admin_client() as client:
-                for address, node in client.cluster("nodes").items():
-                    if "myself" not in node["flags"]:
-                        log.error("embedded database: node %s at %s joined through the "
-                                  "cluster bus; forgetting it", node["node_id"], address)
-                        client.execute_command("CLUSTER FORGET", node["node_id"])
-        except redis.RedisError as error:
-            log.debug("embedded database not checked for strangers: %s", error)
 
     def stop(self, timeout: float = 20.0) -> None:
         """Stop supervising, then stop the server; SIGTERM makes it flush the AOF and exit."""

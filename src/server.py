@@ -318,9 +318,9 @@ def database(config: Config):
         return
     embedded = EmbeddedRedis(config.data_dir, find_redis_server(config.redis_server),
                              config.embedded_port)
-    host, port = embedded.start()
+    socket_path = embedded.start()
     try:
-        yield dataclasses.replace(config, db_host=host, db_port=port, db_tls=False,
+        yield dataclasses.replace(config, db_socket=socket_path, db_tls=False,
                                   db_username=SERVICE_USER, db_password=embedded.service_password,
                                   db_wait_replicas=0)
     finally:

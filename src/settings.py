@@ -47,6 +47,8 @@ class Config:
     db_auth: str = "password"
     db_cluster: str | None = None
     aws_region: str | None = None
+    # A unix socket to reach a standalone database on instead of DBHOST (the embedded one's).
+    db_socket: str | None = None
 
     @property
     def embedded(self) -> bool:
