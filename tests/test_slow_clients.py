@@ -1,0 +1,144 @@
+"""Slow readers, slow uploaders and idle connections do not take the service away from others."""
+
+import http.client
+import socket
+import time
+
+import pytest
+
+from conftest import cluster_config
+from connection_watch import RATE_WINDOW_SECONDS, SWEEP_SECONDS
+from database import connect
+from deadlines import BODY_GRACE_SECONDS
+from service_process import ServiceProcess
+from slow_attack import attack_process, percentile, probe
+
+pytestmark = pytest.mark.cluster
+CUSTOMERS = 50_000
+PROBE_ID = "probe"
+IDLE_SECONDS = 3
+
+
+@pytest.fixture(scope="module")
+def many_customers(redis_cluster):
+    """The real cluster holding CUSTOMERS customers and the probe's."""
+    redis_cluster.flush()
+    client = connect(cluster_config(redis_cluster))
+    pipeline = client.pipeline()
+    for number in range(CUSTOMERS):
+        pipeline.hset(f"customer:c{number:06d}",
+                      mapping={"name": f"Customer {number}", "email": f"c{number}@example.com",
+                               "city": "Lisbon", "plan": "standard"})
+        if number % 5000 == 4999:
+            pipeline.execute()
+    pipeline.execute()
+    client.hset(f"customer:{PROBE_ID}", mapping={"name": "Probe"})
+    client.close()
+    yield redis_cluster
+    redis_cluster.flush()
+
+
+@pytest.fixture(scope="module")
+def service(many_customers):
+    """The real service over those customers, closing idle connections after IDLE_SECONDS."""
+    env = {**many_customers.service_env(), "WORKERS": "2", "THREADS": "4",
+           "IDLE_TIMEOUT": str(IDLE_SECONDS)}
+    with ServiceProcess(env) as running:
+        yield running
+
+
+def wait_for_log(service, text: str, timeout: float) -> float:
+    """Wait until the service has logged text; return the seconds it took."""
+    started = time.monotonic()
+    while text not in service.output():
+        assert time.monotonic() - started < timeout, f"not logged within {timeout} s: {text}"
+        time.sleep(0.1)
+    return time.monotonic() - started
+
+
+def test_probe_holds_under_slow_and_idle_clients(many_customers):
+    """12 slow readers, 12 slow uploaders and 1,100 idle connections: probes still succeed."""
+    env = {**many_customers.service_env(), "WORKERS": "2", "THREADS": "4"}
+    with ServiceProcess(env) as service:
+        attack = attack_process(service.port, readers=12, uploaders=12, idle=1100, seconds=34)
+        try:
+            time.sleep(3)  # the attack settles: buffers fill, every thread taken that can be
+            tries, durations = probe(service.port, f"/customers/{PROBE_ID}", seconds=30,
+                                     timeout=2)
+            replaced = attack.communicate(timeout=30)[0].strip()
+        finally:
+            attack.kill()
+            attack.wait()
+        worst = percentile(durations, 0.99) if durations else float("inf")
+        print(f"\nprobes: {len(durations)}/{tries} succeeded, p99 {worst * 1000:.0f} ms; "
+              f"attackers replaced after a cut: {replaced}")
+    assert len(durations) >= 0.99 * tries
+    assert worst < 0.250
+
+
+def test_a_client_that_never_reads_a_list_is_cut_off(service):
+    """A list nobody reads: the connection is reset within the rate window, the thread freed."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", service.port))
+    port = sock.getsockname()[1]
+    sock.sendall(f"GET /customers HTTP/1.1\r\nHost: 127.0.0.1:{service.port}\r\n\r\n".encode())
+    took = wait_for_log(service, f"closed the connection of 127.0.0.1:{port}:", 20)
+    assert took <= RATE_WINDOW_SECONDS + 3 * SWEEP_SECONDS + 2
+    # The thread sending it left granian's send: the response's iterator was closed.
+    wait_for_log(service, "stopped GET /customers after", 5)
+    sock.settimeout(5)
+    received = b""
+    try:
+        while chunk := sock.recv(65536):
+            received += chunk
+    except ConnectionResetError:
+        pass
+    sock.close()
+    assert not received.rstrip().endswith(b"]")  # never passes for a whole list
+
+
+def test_a_slow_upload_is_answered_408_and_stores_nothing(service):
+    """A PUT body at 100 bytes a second is refused with 408 after the grace, and logged."""
+    body = b'{"name": "' + b"x" * 1988 + b'"}'
+    sock = socket.create_connection(("127.0.0.1", service.port))
+    sock.sendall(f"PUT /customers/slow-upload HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                 f"application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode())
+    sock.setblocking(False)
+    started, answer = time.monotonic(), b""
+    for start in range(0, len(body), 10):
+        try:
+            answer = sock.recv(4096)
+            break
+        except BlockingIOError:
+            sock.send(body[start:start + 10])
+            time.sleep(0.1)
+    took = time.monotonic() - started
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 408"), service.output()[-3000:]
+    assert b'"message"' in answer
+    assert took < BODY_GRACE_SECONDS + 2
+    wait_for_log(service, "cut off PUT /customers/slow-upload", 2)
+    connection = http.client.HTTPConnection("127.0.0.1", service.port, timeout=5)
+    connection.request("GET", "/customers/slow-upload")
+    status = connection.getresponse().status
+    connection.close()
+    assert status == 404
+
+
+def test_a_silent_upload_and_an_idle_connection_are_closed(service):
+    """Headers promising a body that never comes, and a connection sending nothing: closed."""
+    silent = socket.create_connection(("127.0.0.1", service.port))
+    silent.sendall(b"PUT /customers/silent HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                   b"application/json\r\nContent-Length: 100\r\n\r\n")
+    idle = socket.create_connection(("127.0.0.1", service.port))
+    started = time.monotonic()
+    for sock in (silent, idle):
+        sock.settimeout(IDLE_SECONDS + 3 * SWEEP_SECONDS + 2)
+        try:
+            assert sock.recv(4096) == b""
+        except ConnectionResetError:
+            pass
+        sock.close()
+    assert time.monotonic() - started <= IDLE_SECONDS + 3 * SWEEP_SECONDS + 2
+    wait_for_log(service, "no byte moved for", 2)
