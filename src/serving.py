@@ -1,6 +1,7 @@
 """Serve the app with granian: HTTP in Rust, the app in Python threads of worker processes."""
 
 import ctypes
+import logging
 import multiprocessing
 import os
 import resource
@@ -15,6 +16,7 @@ import request_log
 from connection_watch import ConnectionWatch
 from deadlines import Deadlines
 
+log = logging.getLogger(__name__)
 # Connections a worker takes before it leaves new ones in the listen queue. It counts
 # connections, not requests: a kept-alive or idle connection holds its place until
 # IDLE_TIMEOUT, so it must stay well above the clients' connections. 512 (granian's default
@@ -80,6 +82,11 @@ def serve(factory, config) -> None:
     """Serve the app built by factory until SIGTERM or SIGINT, then drain and return."""
     # The workers are forked so that each builds its own app and connections from factory,
     # which need not be picklable (Python 3.14 would otherwise start them another way).
+    if config.idle_timeout <= config.db_retry_seconds + config.db_timeout:
+        # A request waiting on the database moves no byte on its connection.
+        log.warning("IDLE_TIMEOUT (%s s) is not above DBRETRYSECONDS + DBTIMEOUT (%s s): a "
+                    "request waiting that long on the database is cut off as idle",
+                    config.idle_timeout, config.db_retry_seconds + config.db_timeout)
     multiprocessing.set_start_method("fork", force=True)
     parent = os.getpid()
     Server(
