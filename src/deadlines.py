@@ -10,6 +10,7 @@ import io
 import logging
 import threading
 import time
+from collections import deque
 
 from flask import json
 
@@ -20,6 +21,32 @@ READS_PER_SECOND = 10
 LARGEST_READ = 64 * 1024
 STREAM_SLOTS = 1
 _END = object()
+
+
+class Slots:
+    """A semaphore that hands a freed slot to the longest waiter (threading's lets any take it)."""
+
+    def __init__(self, count: int):
+        self._lock = threading.Lock()
+        self._free = count
+        self._waiters = deque()
+
+    def __enter__(self):
+        with self._lock:
+            if self._free and not self._waiters:
+                self._free -= 1
+                return
+            waiter = threading.Lock()
+            waiter.acquire()
+            self._waiters.append(waiter)
+        waiter.acquire()  # released by the __exit__ that hands this thread its slot
+
+    def __exit__(self, *exc):
+        with self._lock:
+            if self._waiters:
+                self._waiters.popleft().release()
+            else:
+                self._free += 1
 
 
 def _expects_body(environ) -> bool:
@@ -34,10 +61,10 @@ class Deadlines:
     def __init__(self, app, config):
         self.app = app
         self.config = config
-        self.slots = threading.BoundedSemaphore(config.threads)
+        self.slots = Slots(config.threads)
         # Streamed lists make their chunks one at a time in a worker: many lists at once (slow
         # readers reconnecting) would otherwise keep every slot and the GIL from short requests.
-        self.stream_slots = threading.BoundedSemaphore(STREAM_SLOTS)
+        self.stream_slots = Slots(STREAM_SLOTS)
 
     def __call__(self, environ, start_response):
         if _expects_body(environ):
