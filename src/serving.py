@@ -80,13 +80,13 @@ def _worker_app(factory, parent: int, config):
 
 def serve(factory, config) -> None:
     """Serve the app built by factory until SIGTERM or SIGINT, then drain and return."""
-    # The workers are forked so that each builds its own app and connections from factory,
-    # which need not be picklable (Python 3.14 would otherwise start them another way).
     if config.idle_timeout <= config.db_retry_seconds + config.db_timeout:
         # A request waiting on the database moves no byte on its connection.
         log.warning("IDLE_TIMEOUT (%s s) is not above DBRETRYSECONDS + DBTIMEOUT (%s s): a "
                     "request waiting that long on the database is cut off as idle",
                     config.idle_timeout, config.db_retry_seconds + config.db_timeout)
+    # The workers are forked so that each builds its own app and connections from factory,
+    # which need not be picklable (Python 3.14 would otherwise start them another way).
     multiprocessing.set_start_method("fork", force=True)
     parent = os.getpid()
     Server(

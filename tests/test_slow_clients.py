@@ -1,6 +1,7 @@
 """Slow readers, slow uploaders and idle connections do not take the service away from others."""
 
 import http.client
+import json
 import socket
 import time
 
@@ -74,6 +75,9 @@ def test_probe_holds_under_slow_and_idle_clients(many_customers):
               f"attackers replaced after a cut: {replaced}")
     assert len(durations) >= 0.99 * tries
     assert worst < 0.250
+    # Under the default deadlines every slow reader and uploader was cut off at least once.
+    cut = json.loads(replaced)
+    assert cut["reader"] >= 12 and cut["uploader"] >= 12
 
 
 def test_a_client_that_never_reads_a_list_is_cut_off(service):
