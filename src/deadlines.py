@@ -72,6 +72,9 @@ class Deadlines:
             if body is None:
                 return self._too_slow(start_response)
             environ["wsgi.input"] = io.BytesIO(body)
+            if environ.pop("HTTP_TRANSFER_ENCODING", None):
+                # A chunked body, now read whole: over MAX_BODY_BYTES it gets 413 as any other.
+                environ["CONTENT_LENGTH"] = str(len(body))
         with self.slots:
             result = self.app(environ, start_response)
             if not environ.get("customers.streamed"):

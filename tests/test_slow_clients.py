@@ -146,3 +146,15 @@ def test_a_silent_upload_and_an_idle_connection_are_closed(service):
         sock.close()
     assert time.monotonic() - started <= IDLE_SECONDS + 3 * SWEEP_SECONDS + 2
     wait_for_log(service, "no byte moved for", 2)
+
+
+@pytest.mark.parametrize(("size", "status"), [(500, b"204"), (1024 * 1024 + 1, b"413")])
+def test_a_chunked_body_is_read_whole_and_over_the_limit_refused(service, size, status):
+    """A chunked body, read before the app runs, counts against MAX_BODY_BYTES as any other."""
+    body = b'{"name": "' + b"x" * (size - 12) + b'"}'
+    with socket.create_connection(("127.0.0.1", service.port), timeout=10) as sock:
+        sock.sendall(b"PUT /customers/chunked HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                     b"application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     + b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n")
+        answer = sock.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 " + status)
