@@ -18,6 +18,7 @@ import time
 
 log = logging.getLogger(__name__)
 SWEEP_SECONDS = 1.0
+FIRST_SWEEP_SECONDS = 0.02
 # The reading rate of a client with a response waiting is measured over this many seconds.
 RATE_WINDOW_SECONDS = 5.0
 # struct tcp_info (linux/tcp.h): tcpi_bytes_acked and tcpi_bytes_received, since Linux 4.1.
@@ -85,18 +86,20 @@ class ConnectionWatch:
         self.idle_timeout = idle_timeout
         self.min_send_rate = min_send_rate
         self.seen: dict = {}
+        self.listening_found = False
 
     def start(self) -> None:
         """Sweep once a second, in a daemon thread, for the life of the process."""
         if not SUPPORTED:
             log.warning("stalled connections are not closed on %s (Linux only)", sys.platform)
             return
-        self.sweep()  # the listening socket's send buffer is set before the first client
         threading.Thread(target=self._run, name="connection-watch", daemon=True).start()
 
     def _run(self) -> None:
         while True:
-            time.sleep(SWEEP_SECONDS)
+            # granian opens a worker's listening socket after the app is built: until its send
+            # buffer is set, look often, so that the first clients already get it.
+            time.sleep(SWEEP_SECONDS if self.listening_found else FIRST_SWEEP_SECONDS)
             try:
                 self.sweep()
             except Exception:  # noqa: BLE001 - the watch must outlive any one bad sweep
@@ -108,6 +111,7 @@ class ConnectionWatch:
         for key, sock in _client_sockets(self.port):
             if key is None:
                 _limit_send_buffer(sock)
+                self.listening_found = True
                 continue
             try:
                 acked, received, queued = _counters(sock)

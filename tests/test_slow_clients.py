@@ -170,3 +170,22 @@ def test_a_chunked_body_is_read_whole_and_over_the_limit_refused(service, size, 
                      + b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n")
         answer = sock.recv(4096)
     assert answer.startswith(b"HTTP/1.1 " + status)
+
+
+def test_a_list_read_past_send_timeout_is_cut_off_unclosed(many_customers):
+    """A client reading steadily but too long for SEND_TIMEOUT gets a list that is not whole."""
+    env = {**many_customers.service_env(), "WORKERS": "1", "SEND_TIMEOUT": "1",
+           "MIN_SEND_RATE": "0"}
+    with ServiceProcess(env) as service:
+        with socket.create_connection(("127.0.0.1", service.port), timeout=10) as sock:
+            sock.sendall(b"GET /customers HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            started, received = time.monotonic(), b""
+            while chunk := sock.recv(32 * 1024):  # at most 640 KB a second
+                received += chunk
+                time.sleep(0.05)
+            took = time.monotonic() - started
+        wait_for_log(service, "(SEND_TIMEOUT 1.0 s)", 5)
+    assert took < 10
+    assert received.startswith(b"HTTP/1.1 200")
+    assert b'"id":"c' in received
+    assert not received.rstrip().endswith(b"]")
