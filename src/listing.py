@@ -255,17 +255,21 @@ def _batches(redis, batch_class, nodes: list, seen: SeenKeys):
 
     A node's next batch goes out before this batch's customers are decoded, and a node's first
     SCAN step goes out with the last batch of the node before it: they read while we decode.
+    Their replies are read before a batch is yielded: while the client reads, the walk holds
+    no Redis connection.
     """
-    at, upcoming = 0, None
+    at, upcoming = 0, None  # upcoming: the next node's first SCAN step, once answered
     batch = batch_class(nodes[0], [], scan_arguments(0, SCAN_COUNT)) if nodes else None
+    following = None  # the next node's first SCAN step, sent
     try:
-        while batch:
-            keys, (replies, scanned) = batch.keys, batch.receive()
-            batch = None
+        received = (batch.keys, batch.receive()) if batch else None
+        batch = None
+        while received:
+            keys, (replies, scanned) = received
+            received = None
             if scanned is None and upcoming:
                 # This node is done: the next node's first batch goes out now.
-                at, scanned = at + 1, upcoming.receive()[1]
-                upcoming = None
+                at, scanned, upcoming = at + 1, upcoming, None
             if scanned:
                 # SCAN may repeat keys of this batch, not yet in seen.
                 cursor, found = int(scanned[0]), scanned[1]
@@ -273,13 +277,17 @@ def _batches(redis, batch_class, nodes: list, seen: SeenKeys):
                 step = scan_arguments(cursor, SCAN_COUNT) if cursor else ()
                 batch = batch_class(nodes[at], fresh, step)
                 if not cursor and at + 1 < len(nodes):
-                    upcoming = batch_class(nodes[at + 1], [], scan_arguments(0, SCAN_COUNT))
+                    following = batch_class(nodes[at + 1], [], scan_arguments(0, SCAN_COUNT))
             customers = customers_of(redis, keys, replies)
             # Only keys whose customers are in hand count as sent.
             seen.update(keys)
+            if batch:
+                received, batch = (batch.keys, batch.receive()), None
+            if following:
+                upcoming, following = following.receive()[1], None
             if customers:
                 yield customers
     finally:
-        for pending in (batch, upcoming):
+        for pending in (batch, following):
             if pending:
                 pending.close()

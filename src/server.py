@@ -94,6 +94,8 @@ def members(items: list) -> bytes:
 def stream_json_array(batches) -> Response:
     """Answer with a JSON array of the items of each batch, written as the batches arrive."""
     batches = (batch for batch in batches if batch)
+    # Sent chunk by chunk, each made in one of the worker's slots (see deadlines.py).
+    request.environ["customers.streamed"] = True
     # Reading the first batch before answering turns an outage at the start into a 503.
     first = next(batches, None)
 

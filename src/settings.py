@@ -49,6 +49,14 @@ class Config:
     aws_region: str | None = None
     # A unix socket to reach a standalone database on instead of DBHOST (the embedded one's).
     db_socket: str | None = None
+    # Slow and idle clients (docs/slow-clients.md): seconds a connection may move no byte,
+    # bytes a second a client must read while a response waits for it, seconds a whole
+    # response may take to send, and the same two for a request body.
+    idle_timeout: float = 20.0
+    min_send_rate: int = 4096
+    send_timeout: float = 300.0
+    min_body_rate: int = 4096
+    body_timeout: float = 30.0
 
     @property
     def embedded(self) -> bool:
@@ -233,4 +241,9 @@ def load_config(env=None) -> Config:
         auth=_auth(env, host, tokens),
         max_fields=_integer(env, "MAX_FIELDS", Config.max_fields, 1, 100_000),
         **_iam(env, db_host),
+        idle_timeout=_number(env, "IDLE_TIMEOUT", Config.idle_timeout),
+        min_send_rate=_integer(env, "MIN_SEND_RATE", Config.min_send_rate, 0, 2**31),
+        send_timeout=_number(env, "SEND_TIMEOUT", Config.send_timeout),
+        min_body_rate=_integer(env, "MIN_BODY_RATE", Config.min_body_rate, 0, 2**31),
+        body_timeout=_number(env, "BODY_TIMEOUT", Config.body_timeout),
     )
