@@ -245,7 +245,7 @@ class CustomerStore:
         if self.wait_replicas:
             write_and_wait(self.redis, key, commands, self.wait_replicas, self.wait_timeout)
         elif len(commands) == 1:
-            self.redis.execute_command(*commands[0])
+            on_primary(self.redis, key, *commands[0])
         else:
             # One key, one slot: a MULTI/EXEC applies all or none.
             pipe = self.redis.pipeline(transaction=True)
