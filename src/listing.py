@@ -10,7 +10,7 @@ import logging
 import time
 from array import array
 
-from redis.exceptions import AskError, ClusterError
+from redis.exceptions import AskError, ClusterError, TimeoutError
 
 from bulk import Batch
 from storage import KEY_PREFIX, UNAVAILABLE, CustomerStore, decode, decode_all
@@ -44,22 +44,36 @@ def topology(redis) -> tuple[str, list]:
     nodes = [redis.get_node(node_name=name) for name in names]
     if None in nodes:
         raise ClusterError(f"the cluster announces primaries it cannot reach: {names}")
+    outages = getattr(redis, "outages", None)
+    for name in names if outages else ():
+        outages.use(name)  # a primary known down: 503 now, not a wait on it
     return fingerprint, [redis.get_redis_connection(node) for node in nodes]
 
 
 def _slot_layout(redis) -> list:
-    """Ask the known nodes in turn, primaries first, which primary serves which slots."""
+    """Ask the known nodes in turn, primaries first, which primary serves which slots.
+
+    Nodes known down are skipped, and a node that times out ends the search: a paused
+    cluster costs one DBTIMEOUT, not one per node.
+    """
     failure = None
+    outages = getattr(redis, "outages", None)
     for node in redis.get_primaries() + redis.get_replicas():
+        if outages and outages.is_down(node.name):
+            continue
         try:
             reply = redis.get_redis_connection(node).execute_command("CLUSTER SLOTS")
         except UNAVAILABLE as error:
+            if outages:
+                outages.failed(error, node.name)
+            if isinstance(error, TimeoutError):
+                raise
             failure = error
             continue
         # A node that never learnt its own address (a one-node cluster) announces no host.
         return [(start, end, primary[0] or node.host, primary[1])
                 for start, end, primary, *_ in reply]
-    raise failure or ClusterError("no node of the cluster is known")
+    raise failure or ClusterError("no node of the cluster is known, or every one is down")
 
 
 def fetch(redis, node, keys) -> list:
