@@ -40,6 +40,10 @@ def topology(redis) -> tuple[str, list]:
     fingerprint = hashlib.blake2b(repr(layout).encode(), digest_size=6).hexdigest()
     names = sorted({f"{host}:{port}" for _, _, host, port in layout})
     if any(redis.get_node(node_name=name) is None for name in names):
+        if hasattr(redis, "relearn"):
+            # The keeper relearns; waiting here would queue behind redis-py's locks.
+            redis.relearn()
+            raise ClusterError(f"the cluster's primaries changed ({names}); relearning them")
         redis.nodes_manager.initialize()
     nodes = [redis.get_node(node_name=name) for name in names]
     if None in nodes:
@@ -223,23 +227,32 @@ def walk(store: CustomerStore):
     seen = SeenKeys()
     sent = False
     deadline = None
-    while True:
-        try:
-            for customers in _batches(store.redis, topology(store.redis)[1], seen):
-                sent = True
-                yield customers
-            return
-        except UNAVAILABLE as error:
-            # Before the first customer the caller can still answer 503; after it, resume.
-            if not sent:
-                raise
-            # Within the same budget as any other request (DBRETRYSECONDS), so that a slow
-            # database cannot hold the service's threads with walks that wait.
-            deadline = deadline or time.monotonic() + store.retry_seconds
-            if time.monotonic() > deadline:
-                raise
-            log.warning("listing interrupted (%s); walking again past what was sent", error)
-            time.sleep(RESUME_PAUSE_SECONDS)
+    outages = store.retrying.outages
+    try:
+        while True:
+            try:
+                for customers in _batches(store.redis, topology(store.redis)[1], seen):
+                    sent = True
+                    yield customers
+                return
+            except UNAVAILABLE as error:
+                # Before the first customer the caller can still answer 503; after it, resume,
+                # but not after a timeout (the database is slow: waiting more would hold a
+                # thread), nor when the threads that may wait are all waiting.
+                if not sent or isinstance(error, TimeoutError):
+                    raise
+                if deadline is None:
+                    if not outages.try_wait():
+                        raise
+                    # Within the same budget as any other request (DBRETRYSECONDS).
+                    deadline = time.monotonic() + store.retry_seconds
+                if time.monotonic() + RESUME_PAUSE_SECONDS > deadline:
+                    raise
+                log.warning("listing interrupted (%s); walking again past what was sent", error)
+                time.sleep(RESUME_PAUSE_SECONDS)
+    finally:
+        if deadline is not None:
+            outages.done_waiting()
 
 
 def _batches(redis, nodes: list, seen: SeenKeys):
