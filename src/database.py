@@ -167,6 +167,9 @@ class LazyCluster:
             self._probing.discard(name)
 
     def _relearn_layout(self) -> None:
+        """Ask the nodes for the slots' owners, unless every node is down (none would answer)."""
+        if all(self.outages.is_down(node.name) for node in self._client.get_nodes()):
+            return
         try:
             self._client.nodes_manager.initialize(disconnect_startup_nodes_pools=False)
         except Exception as error:  # noqa: BLE001 - the next round tries again
@@ -262,7 +265,10 @@ class Retrying:
 
     def _retry(self, started: float, error: Exception, function, *args, **kwargs):
         """Run function again with backoff for what remains of the budget started then."""
-        remaining = self.seconds - (time.monotonic() - started)
+        # Waiting for a node that is down is worth it while its outage is young (a failover).
+        since = self.outages.down_since()
+        deadline = min(started, since or started) + self.seconds
+        remaining = deadline - time.monotonic()
         if remaining <= 0 or not self.outages.try_wait():
             raise error
         try:

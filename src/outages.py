@@ -7,7 +7,9 @@ locks. With every thread of a worker waiting so, even /healthz waited its turn. 
   once, without a socket or a lock, until a probe of the keeper (LazyCluster's background
   thread) finds it answering again, or the layout moves its slots to another node;
 - waiting of any kind in a request (a retry's backoff) takes one of a few permits, taken
-  without blocking: the other threads answer at once, so most threads stay free.
+  without blocking: the other threads answer at once, so most threads stay free;
+- waiting for a node down ends DBRETRYSECONDS after it went down, whenever the request came:
+  requests that queued while the threads were held at the outage's start do not wait more.
 """
 
 import logging
@@ -44,6 +46,11 @@ class Outages:
         if name in self._down:
             since, reason = self._down.get(name, (time.monotonic(), "back"))
             raise NodeDown(f"{name} is down since {time.monotonic() - since:.1f} s: {reason}")
+
+    def down_since(self) -> float | None:
+        """Return since when (monotonic) the node this thread used last is down, if it is."""
+        name = getattr(self._local, "node", None)
+        return self._down.get(name, (None,))[0] if name else None
 
     def is_down(self, name: str) -> bool:
         """Tell whether node name is known to be down."""
