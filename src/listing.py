@@ -10,7 +10,8 @@ import logging
 import time
 from array import array
 
-from redis.exceptions import AskError, ClusterError, TimeoutError
+from redis.exceptions import AskError, ClusterError
+from redis.exceptions import TimeoutError as NoAnswer
 
 from bulk import Batch
 from storage import KEY_PREFIX, UNAVAILABLE, CustomerStore, decode, decode_all
@@ -70,7 +71,7 @@ def _slot_layout(redis) -> list:
         except UNAVAILABLE as error:
             if outages:
                 outages.failed(error, node.name)
-            if isinstance(error, TimeoutError):
+            if isinstance(error, NoAnswer):
                 raise
             failure = error
             continue
@@ -239,7 +240,7 @@ def walk(store: CustomerStore):
                 # Before the first customer the caller can still answer 503; after it, resume,
                 # but not after a timeout (the database is slow: waiting more would hold a
                 # thread), nor when the threads that may wait are all waiting.
-                if not sent or isinstance(error, TimeoutError):
+                if not sent or isinstance(error, NoAnswer):
                     raise
                 if deadline is None:
                     if not outages.try_wait():
