@@ -22,7 +22,7 @@ import preconditions
 import representation
 import request_log
 import validation
-from database import connect
+from database import connect, waiting_threads
 from embedded import SERVICE_USER, EmbeddedError, EmbeddedRedis, find_redis_server
 from settings import Config, ConfigError, load_config
 from storage import (
@@ -290,7 +290,8 @@ def create_app(config: Config, redis_client) -> Flask:
     request_log.install(app)
     guard = access.install(app, config.api_tokens)
     store = CustomerStore(redis_client, config.db_retry_seconds, config.db_wait_replicas,
-                          wait_timeout=config.db_timeout / 2, max_fields=config.max_fields)
+                          wait_timeout=config.db_timeout / 2, max_fields=config.max_fields,
+                          waiting_threads=waiting_threads(config.threads))
     health.register(app, redis_client, guard.trusted)
     api = JsonApi(app)
     api.add_resource(Customers, "/customers",
