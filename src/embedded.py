@@ -31,20 +31,22 @@ from pathlib import Path
 
 import redis
 
+from idempotency import KEY_PREFIX as RECORD_PREFIX
 from storage import KEY_PREFIX
 
 log = logging.getLogger(__name__)
 ALL_SLOTS = range(16384)
 SERVICE_USER = "service"
 ADMIN_USER = "admin"
-# What the service's user may run: its data commands on customer keys, and what redis-py's
-# cluster client needs to connect and learn the topology. The tests' MemoryDB-shaped cluster
-# gives its app user the same string, so the service is tested under it.
-SERVICE_ACCESS = (f"~{KEY_PREFIX}* resetchannels -@all +auth +hello +ping "
+# What the service's user may run: its data commands on customer keys and Idempotency-Key
+# records (PEXPIRE: a record's time to live), and what redis-py's cluster client needs to
+# connect and learn the topology. The tests' MemoryDB-shaped cluster gives its app user the
+# same string, so the service is tested under it.
+SERVICE_ACCESS = (f"~{KEY_PREFIX}* ~{RECORD_PREFIX}* resetchannels -@all +auth +hello +ping "
                   "+cluster|slots +cluster|shards +cluster|info +cluster|nodes +command "
                   "+readonly +readwrite +asking +hgetall +hget +hmget +hset +hdel +del +exists "
                   "+type +hlen +hkeys +scan +multi +exec +discard +watch +unwatch +wait "
-                  "+evalsha +script|load")
+                  "+evalsha +script|load +pexpire")
 # What the service and the server keep in the data directory (appendonlydir is a folder).
 OWN_FILES = ("port", "redis.conf", "redis.log", "nodes.conf", "*.password", "appendonly*",
              "*.aof", "*.rdb", "temp-*")

@@ -47,6 +47,7 @@ class Config:
     db_auth: str = "password"
     db_cluster: str | None = None
     aws_region: str | None = None
+    idempotency_ttl_seconds: int = 86400
 
     @property
     def embedded(self) -> bool:
@@ -231,4 +232,6 @@ def load_config(env=None) -> Config:
         auth=_auth(env, host, tokens),
         max_fields=_integer(env, "MAX_FIELDS", Config.max_fields, 1, 100_000),
         **_iam(env, db_host),
+        idempotency_ttl_seconds=_integer(env, "IDEMPOTENCY_TTL_SECONDS",
+                                         Config.idempotency_ttl_seconds, 60, 365 * 86400),
     )
