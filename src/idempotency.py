@@ -1,77 +1,65 @@
-"""Create a customer once per Idempotency-Key: a record naming the customer, written first.
+"""Create a customer once per Idempotency-Key: the key's record and its customer in one step.
 
 A record `idempotency:<key>` (a hash) holds the fingerprint of the first body sent with the
-key, the id drawn for its customer, that customer as the first answer shows it, and, while
-the create is under way, the request that runs it and the time its lease ends. The steps:
-1. BEGIN_SCRIPT writes the record (or finds it) and claims it: a record whose create is
-   done is answered again; one whose lease is held by another request is busy (409); one
-   whose lease ended (its request died) is taken over. With DBWAITREPLICAS, the record is
-   on the replicas before the customer is written.
-2. INSERT_SCRIPT writes the customer under the record's id unless the key exists already.
-3. HDEL of the lease marks the create done.
-The record always names the id before a customer under it can exist, so a crash or a
-failover between any two steps leaves a record that a retry with the same key completes
-with the same id: never a second customer, never a record without its customer once done.
-Every step may run twice (see database.py): BEGIN finds its own claim (the request's drawn
-id is its owner token), INSERT finds the key written, and HDEL of a field gone is a no-op.
+key, the id of the customer it created and that customer's JSON as the first 201 showed it.
+The customer's id is a uuid4 whose last four hex digits are chosen so that its key
+`customer:<id>` lands in the record's slot: one Lua script on one shard then checks the record
+and writes both, or neither, so no crash or failover can leave one without the other, and
+with DBWAITREPLICAS one WAIT covers both. The id is drawn before the first attempt, so a
+retry after a lost reply finds the record naming its own id: the same create, not a repeat.
 """
 
+import binascii
 import hashlib
+import itertools
 import json
 import re
-import time
 import uuid
 from dataclasses import dataclass
 
 import orjson
 from redis import exceptions as rx
+from redis.crc import key_slot
 
 from database import on_primary, primary_of, retried, write_and_wait
+from storage import KEY_PREFIX as CUSTOMER_PREFIX
 from storage import customer_key, dumps, encode, flat, is_wrongtype
 
 KEY_PREFIX = "idempotency:"
 HEADER = "Idempotency-Key"
 # 1 to 255 visible ASCII characters (no space), as the key is sent.
 VALID_KEY = re.compile("[!-~]{1,255}")
+SLOTS = 16384
+# A slot (CRC16 of the key, modulo 16384) -> four hex digits whose CRC16 gives it. CRC16 is
+# linear: CRC(prefix + digits) = CRC(prefix + four zero bytes) XOR CRC(digits). Four hex
+# digits reach about 80% of the slots; a draw that needs another is drawn again.
+ENDINGS = {}
+for _digits in itertools.product(b"0123456789abcdef", repeat=4):
+    ENDINGS.setdefault(binascii.crc_hqx(bytes(_digits), 0) % SLOTS, bytes(_digits).decode())
+MAX_DRAWS = 200
 
-# KEYS[1] the record; ARGV: fingerprint, drawn id, the customer's JSON, now (ms), lease end
-# (ms), time to live (ms). Returns {'run', id, customer}: write the customer (a new record or
-# one taken over); {'done', id, customer}; {'busy', lease end}; or {'mismatch'}.
-BEGIN_SCRIPT = """
-local record = redis.call('HMGET', KEYS[1], 'fingerprint', 'id', 'customer', 'lease', 'owner')
-if not record[1] then
-  redis.call('HSET', KEYS[1], 'fingerprint', ARGV[1], 'id', ARGV[2], 'customer', ARGV[3],
-             'owner', ARGV[2], 'lease', ARGV[5])
-  redis.call('PEXPIRE', KEYS[1], ARGV[6])
-  return {'run', ARGV[2], ARGV[3]}
+# KEYS: the record, the customer (one slot). ARGV: fingerprint, customer id, customer JSON,
+# time to live (ms), then the customer's name/value pairs. Returns {'created'|'done', id,
+# customer JSON} or {'mismatch'}. A replay writes too, so that its WAIT covers the first.
+CREATE_SCRIPT = """
+local record = redis.call('HMGET', KEYS[1], 'fingerprint', 'id', 'customer')
+if record[1] then
+  if record[1] ~= ARGV[1] then return {'mismatch'} end
+  redis.call('HSET', KEYS[1], 'replayed', '1')
+  return {'done', record[2], record[3]}
 end
-if record[1] ~= ARGV[1] then return {'mismatch'} end
-if not record[4] then return {'done', record[2], record[3]} end
-if record[5] == ARGV[2] or tonumber(record[4]) <= tonumber(ARGV[4]) then
-  redis.call('HSET', KEYS[1], 'owner', ARGV[2], 'lease', ARGV[5])
-  return {'run', record[2], record[3]}
+for first = 5, #ARGV, 1000 do
+  redis.call('HSET', KEYS[2], unpack(ARGV, first, math.min(first + 999, #ARGV)))
 end
-return {'busy', record[4]}
+redis.call('HSET', KEYS[1], 'fingerprint', ARGV[1], 'id', ARGV[2], 'customer', ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return {'created', ARGV[2], ARGV[3]}
 """
-# KEYS[1] the customer; ARGV the name/value pairs to HSET when the key does not exist.
-INSERT_SCRIPT = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-for first = 1, #ARGV, 1000 do
-  redis.call('HSET', KEYS[1], unpack(ARGV, first, math.min(first + 999, #ARGV)))
-end
-return 1
-"""
-SCRIPTS = {hashlib.sha1(script.encode()).hexdigest(): script
-           for script in (BEGIN_SCRIPT, INSERT_SCRIPT)}
-BEGIN_SHA, INSERT_SHA = SCRIPTS
+CREATE_SHA = hashlib.sha1(CREATE_SCRIPT.encode()).hexdigest()
 
 
 class KeyReused(Exception):
     """The key was first sent with another body."""
-
-
-class InProgress(Exception):
-    """Another request with the key is creating its customer now; args[0]: seconds it may take."""
 
 
 class NotARecord(Exception):
@@ -106,73 +94,59 @@ def fingerprint(fields: dict) -> str:
     return hashlib.blake2b(text, digest_size=16).hexdigest()
 
 
+def id_in_slot(slot: int) -> str:
+    """Return a new uuid4 whose customer key is in slot: random but for its last 4 digits."""
+    for _ in range(MAX_DRAWS):
+        drawn = str(uuid.uuid4())[:-4]
+        start = binascii.crc_hqx((CUSTOMER_PREFIX + drawn).encode() + bytes(4), 0)
+        ending = ENDINGS.get((start ^ slot) % SLOTS)
+        if ending is not None:
+            return drawn + ending
+    raise RuntimeError(f"no id found for slot {slot}")  # 0.2 ** 200: never
+
+
 class IdempotentCreates:
     """Create customers in a CustomerStore's database, once per Idempotency-Key."""
 
-    def __init__(self, store, ttl_seconds: float, lease_seconds: float):
+    def __init__(self, store, ttl_seconds: float):
         self.redis = store.redis
         # The store's: one view per process of whether the database is down.
         self.retrying = store.retrying
         self.wait_replicas = store.wait_replicas
         self.wait_timeout = store.wait_timeout
         self.ttl_ms = int(ttl_seconds * 1000)
-        self.lease_ms = int(lease_seconds * 1000)
 
     def create(self, key: str, fields: dict) -> Created:
-        """Create a customer from fields unless the key's record names one; raise KeyReused,
-        InProgress or NotARecord when it cannot."""
-        # Drawn once, outside the retries: it is the id of a new record's customer and, in any
-        # case, this request's claim on the record.
-        drawn = str(uuid.uuid4())
-        customer = dumps({"id": drawn, **fields}).decode()
-        outcome = self._begin(key, fingerprint(fields), drawn, customer)
+        """Create a customer from fields unless the key's record names one; raise KeyReused
+        (another body) or NotARecord."""
+        record = record_key(key)
+        # Drawn once, outside the retries: a retry after a lost reply finds its own id.
+        customer_id = id_in_slot(key_slot(record.encode()))
+        customer = dumps({"id": customer_id, **fields}).decode()
+        to_set, _ = encode(fields)
+        outcome = self._create(record, customer_key(customer_id), fingerprint(fields),
+                               customer_id, customer, *flat(to_set))
         if outcome[0] == "mismatch":
             raise KeyReused(key)
-        if outcome[0] == "busy":
-            raise InProgress(max(0.0, (int(outcome[1]) - time.time() * 1000) / 1000))
-        customer_id, customer = outcome[1], outcome[2]
-        if outcome[0] == "done":
-            return Created(customer_id, customer, replayed=True)
-        self._insert(customer_id, fields)
-        self._done(key)
-        return Created(customer_id, customer, replayed=False)
+        return Created(outcome[1], outcome[2], replayed=outcome[1] != customer_id)
 
     @retried
-    def _begin(self, key: str, fingerprint: str, drawn: str, customer: str) -> list:
-        """Write or find the key's record and claim it if it is free (BEGIN_SCRIPT)."""
-        now = int(time.time() * 1000)
-        try:
-            return self._run(record_key(key), BEGIN_SHA, fingerprint, drawn, customer, now,
-                             now + self.lease_ms, self.ttl_ms)
-        except rx.ResponseError as error:
-            if is_wrongtype(error):
-                raise NotARecord(key) from None
-            raise
-
-    @retried
-    def _insert(self, customer_id: str, fields: dict) -> None:
-        """Write the customer unless its key exists: it is then this create's, from before."""
-        to_set, _ = encode(fields)
-        self._run(customer_key(customer_id), INSERT_SHA, *flat(to_set))
-
-    @retried
-    def _done(self, key: str) -> None:
-        """Mark the key's create done: its record loses its lease."""
-        self._write(record_key(key), ("HDEL", record_key(key), "lease"))
-
-    def _run(self, key: str, sha: str, *args):
-        """Run one of SCRIPTS on key, loading it first on a node that lacks it."""
+    def _create(self, record: str, customer: str, *args) -> list:
+        """Run CREATE_SCRIPT on the record and the customer, then WAIT if configured."""
+        command = ("EVALSHA", CREATE_SHA, 2, record, customer, args[0], args[1], args[2],
+                   self.ttl_ms, *args[3:])
         for attempt in range(2):
             try:
-                return self._write(key, ("EVALSHA", sha, 1, key, *args))
+                if self.wait_replicas:
+                    return write_and_wait(self.redis, record, [command], self.wait_replicas,
+                                          self.wait_timeout)[0]
+                return on_primary(self.redis, record, *command)
             except rx.NoScriptError:
+                # A node that restarted, was promoted or was added has no scripts yet.
                 if attempt:
                     raise
-                primary_of(self.redis, key).script_load(SCRIPTS[sha])
-
-    def _write(self, key: str, command: tuple):
-        """Send a command to key's primary, then WAIT for replicas if configured."""
-        if self.wait_replicas:
-            return write_and_wait(self.redis, key, [command], self.wait_replicas,
-                                  self.wait_timeout)[0]
-        return on_primary(self.redis, key, *command)
+                primary_of(self.redis, record).script_load(CREATE_SCRIPT)
+            except rx.ResponseError as error:
+                if is_wrongtype(error):
+                    raise NotARecord(record) from None
+                raise

@@ -4,7 +4,6 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
-import math
 import sys
 from urllib.parse import quote
 
@@ -169,10 +168,6 @@ def idempotent_post(creates: idempotency.IdempotentCreates, key: str) -> Respons
     except idempotency.KeyReused:
         errors.fail(422, f"this {idempotency.HEADER} was first sent with another body; "
                          "use a new key for another customer")
-    except idempotency.InProgress as error:
-        errors.fail(409, f"a request with this {idempotency.HEADER} is still being "
-                         "processed; retry later with the same key and body",
-                    {"Retry-After": str(max(1, math.ceil(error.args[0])))})
     except idempotency.NotARecord:
         errors.fail(409, f"the record of this {idempotency.HEADER} holds something that is not "
                          "a record (not a hash); it is left as it is")
@@ -323,9 +318,7 @@ def create_app(config: Config, redis_client) -> Flask:
                           wait_timeout=config.db_timeout / 2, max_fields=config.max_fields)
     health.register(app, redis_client, guard.trusted)
     api = JsonApi(app)
-    # A create's lease outlasts its retries: a step retried for DBRETRYSECONDS, and its calls.
-    creates = idempotency.IdempotentCreates(store, config.idempotency_ttl_seconds,
-                                            config.db_retry_seconds + 3 * config.db_timeout)
+    creates = idempotency.IdempotentCreates(store, config.idempotency_ttl_seconds)
     api.add_resource(Customers, "/customers",
                      resource_class_kwargs={"store": store, "cursor_key": cursor_key(config),
                                             "creates": creates})
