@@ -32,6 +32,8 @@ class KeyedCreates:
         self.created = {}  # key -> id of its 201
         self.unresolved = []  # keys still without a 201 after key_seconds
         self.answers = collections.Counter()
+        self.retried = 0  # keys whose 201 came after an attempt without one
+        self.replayed = 0  # of those, keys whose 201 was a replay: an attempt was applied
         self.failures = []  # (started, ended) of each answer other than 201
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -64,11 +66,11 @@ class KeyedCreates:
             self._resolve(key, {"key": key, "n": number})
 
     def _resolve(self, key: str, body: dict) -> None:
-        deadline = time.monotonic() + self.key_seconds
+        deadline, attempts = time.monotonic() + self.key_seconds, 0
         while time.monotonic() < deadline:
             began = time.monotonic()
             try:
-                status, _, reply = call(self.url + "/customers", "POST", body,
+                status, headers, reply = call(self.url + "/customers", "POST", body,
                                         timeout=CLIENT_TIMEOUT,
                                         headers={"Idempotency-Key": key})
                 status = str(status)
@@ -81,7 +83,11 @@ class KeyedCreates:
             if status == "201":
                 with self._lock:
                     self.created[key] = reply["id"]
+                    if attempts:
+                        self.retried += 1
+                        self.replayed += headers.get("Idempotent-Replayed") == "true"
                 return
+            attempts += 1
             if status not in RETRIED:
                 break
             time.sleep(0.2)
@@ -138,6 +144,8 @@ def test_creates_retried_with_their_key_through_a_failover_make_one_customer_eac
             "keys answered 201": len(load.created),
             "answers by status": ", ".join(f"{status}: {count}" for status, count
                                            in sorted(load.answers.items())),
+            "keys answered 201 after a retry": f"{load.retried} ({load.replayed} of them "
+                                               "replays: an earlier attempt had created it)",
             "customers": len(listed),
             "keys with more than one customer": sum(count > 1 for count in per_key.values()),
             "keys answered 201 without their customer": sum(
