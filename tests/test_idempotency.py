@@ -13,6 +13,7 @@ from http_client import call
 from idempotency import SLOTS, Created, IdempotentCreates, id_in_slot, record_key
 from server import create_app
 from service_process import ServiceProcess
+from settings import ConfigError, load_config
 from storage import CustomerStore
 
 ANN = {"name": "Ann", "balance": 75, "vip": True}
@@ -68,6 +69,14 @@ def test_other_keys_create_other_customers_and_no_key_keeps_todays_create(
     assert len(customers(stored_keys)) == 5
     assert sorted(key for key in stored_keys() if key.startswith("idempotency:")) == [
         record_key(key) for key in ("!", "a", "b", "~" * 255)]
+
+
+def test_a_customer_of_a_thousand_typed_fields_is_created_and_replayed_whole(client):
+    fields = {f"f{n}": [n, n / 2, n % 2 == 0, str(n)][n % 4] for n in range(1000)}
+    first = post(client, fields)
+    assert first.status_code == 201
+    assert client.get(first.headers["Location"]).get_json() == first.get_json()
+    assert post(client, fields).data == first.data
 
 
 @pytest.mark.parametrize("key", ["", "a b", "x" * 256, "tab\there", "caf\xe9", "\x7f"])
@@ -182,3 +191,15 @@ def test_twenty_concurrent_requests_with_one_key_create_one_customer(redis_clust
     assert sorted(headers.get("Idempotent-Replayed", "no") for _, headers, _ in answers) == [
         "no"] + ["true"] * 19
     assert len(listed) == 1 and listed[0]["id"] == answers[0][2]["id"]
+
+
+@pytest.mark.parametrize(("value", "seconds"), [(None, 86400), ("60", 60), ("31536000", 31536000)])
+def test_idempotency_ttl_seconds_is_read_from_the_environment(value, seconds):
+    env = {} if value is None else {"IDEMPOTENCY_TTL_SECONDS": value}
+    assert load_config(env).idempotency_ttl_seconds == seconds
+
+
+@pytest.mark.parametrize("value", ["59", "31536001", "1.5", "day"])
+def test_an_idempotency_ttl_out_of_range_stops_the_service_with_a_clear_error(value):
+    with pytest.raises(ConfigError, match="IDEMPOTENCY_TTL_SECONDS must be"):
+        load_config({"IDEMPOTENCY_TTL_SECONDS": value})
