@@ -125,16 +125,17 @@ class IdempotentCreates:
         customer = dumps({"id": customer_id, **fields}).decode()
         to_set, _ = encode(fields)
         outcome = self._create(record, customer_key(customer_id), fingerprint(fields),
-                               customer_id, customer, *flat(to_set))
+                               customer_id, customer, flat(to_set))
         if outcome[0] == "mismatch":
             raise KeyReused(key)
         return Created(outcome[1], outcome[2], replayed=outcome[1] != customer_id)
 
     @retried
-    def _create(self, record: str, customer: str, *args) -> list:
-        """Run CREATE_SCRIPT on the record and the customer, then WAIT if configured."""
-        command = ("EVALSHA", CREATE_SHA, 2, record, customer, args[0], args[1], args[2],
-                   self.ttl_ms, *args[3:])
+    def _create(self, record: str, key: str, fingerprint: str, customer_id: str,
+                customer: str, pairs: list) -> list:
+        """Run CREATE_SCRIPT on the record and the customer's key, then WAIT if configured."""
+        command = ("EVALSHA", CREATE_SHA, 2, record, key, fingerprint, customer_id, customer,
+                   self.ttl_ms, *pairs)
         for attempt in range(2):
             try:
                 if self.wait_replicas:
