@@ -28,12 +28,13 @@ reliability: $(INSTALLED) ## Run the fault tests and print a table per fault
 	bash .ci/install-redis >/dev/null
 	rm -f $(VENV)/reliability.md
 	RELIABILITY_REPORT=$(VENV)/reliability.md $(BIN)/python -m pytest -q \
-		tests/test_faults.py tests/test_embedded_faults.py; \
+		tests/test_faults.py tests/test_embedded_faults.py tests/test_idempotency_faults.py; \
 		status=$$?; echo; cat $(VENV)/reliability.md; exit $$status
 
-bench: $(INSTALLED) ## Benchmark against the original's design (about 5 minutes; installs wrk)
+bench: $(INSTALLED) ## Benchmark against the original's design, and POST with an Idempotency-Key (about 7 minutes; installs wrk)
 	command -v wrk >/dev/null || apt-get install -y wrk || (apt-get update && apt-get install -y wrk)
 	$(BIN)/python benchmarks/bench.py
+	$(BIN)/python benchmarks/idempotency_cost.py
 
 fuzz: $(INSTALLED) ## Fuzz a running service against the document it serves: make fuzz [URL=...] [TOKEN=...] [EXAMPLES=500]
 	$(BIN)/python -c 'import sys, urllib.request as u; sys.stdout.buffer.write(u.urlopen(u.Request(sys.argv[1] + "/openapi.json", headers={"Authorization": "Bearer " + sys.argv[2]} if sys.argv[2] else {}), timeout=10).read())' \

@@ -15,7 +15,8 @@ timed-out or disconnected command may still have been applied:
   leave the same hash, so a merge (PUT) applied twice is a merge applied once;
 - DEL of a key that is already gone is still a success (DELETE answers 204 either way);
 - a create draws its uuid before the first attempt, so a retry writes the same new key
-  and never makes a second customer;
+  and never makes a second customer; with an Idempotency-Key (idempotency.py), the retry
+  finds the key's record naming that uuid and answers as the create, not as a replay;
 - a write that reached its primary but too few replicas (DBWAITREPLICAS) is one of the
   above, so it is applied again and waited for again.
 A conditional write (WATCH, check, MULTI/EXEC) must retry the whole check-and-write: if a

@@ -57,6 +57,7 @@ class Config:
     send_timeout: float = 300.0
     min_body_rate: int = 4096
     body_timeout: float = 30.0
+    idempotency_ttl_seconds: int = 86400
 
     @property
     def embedded(self) -> bool:
@@ -246,4 +247,6 @@ def load_config(env=None) -> Config:
         send_timeout=_number(env, "SEND_TIMEOUT", Config.send_timeout),
         min_body_rate=_integer(env, "MIN_BODY_RATE", Config.min_body_rate, 0, 2**31),
         body_timeout=_number(env, "BODY_TIMEOUT", Config.body_timeout),
+        idempotency_ttl_seconds=_integer(env, "IDEMPOTENCY_TTL_SECONDS",
+                                         Config.idempotency_ttl_seconds, 60, 365 * 86400),
     )
