@@ -99,7 +99,7 @@ def test_run_serves_on_the_embedded_database_and_stops_on_sigterm(tmp_path):
     port = free_port()
     target = Started("run", env={"PORT": str(port), "DATA_DIR": str(tmp_path / "data")})
     try:
-        target.wait_for("embedded", timeout=60)
+        target.wait_for("embedded", timeout=180)  # make may first install requirements.txt
         deadline = time.monotonic() + 30
         while True:
             try:
