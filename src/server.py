@@ -19,7 +19,9 @@ import health
 import iam_auth
 import listing
 import preconditions
+import projection
 import request_log
+import transfer
 import validation
 from database import connect
 from embedded import SERVICE_USER, EmbeddedError, EmbeddedRedis, find_redis_server
@@ -74,6 +76,17 @@ def page_arguments() -> tuple[int, str | None] | None:
     if cursor == "":
         errors.fail(400, "cursor must be the one from a Link header of this service")
     return int(limit), cursor
+
+
+def fields_asked() -> tuple:
+    """Return what HMGET asks for ?fields=, or () when the whole customer is wanted."""
+    if "fields" not in request.args:
+        return ()
+    try:
+        names = projection.parse(request.args["fields"], current_app.config["MAX_FIELDS"])
+    except projection.BadFields as error:
+        errors.fail(400, str(error))
+    return projection.arguments(names)
 
 
 def json_response(item, status: int = 200, headers: dict | None = None) -> Response:
@@ -164,25 +177,34 @@ class Customers(Resource):
         self.cursor_key = cursor_key
 
     def get(self):
-        """List every customer, streamed, or one page of them when limit or cursor is given."""
+        """List every customer, streamed, or one page of them when limit or cursor is given;
+        as JSON, or as NDJSON when Accept asks for it."""
+        asked, ndjson = fields_asked(), transfer.wanted()
         paging = page_arguments()
         if paging is None:
-            return stream_json_array(listing.walk(self.store))
+            batches = listing.walk(self.store, asked)
+            return transfer.stream(batches) if ndjson else stream_json_array(batches)
         limit, cursor = paging
         try:
-            customers, following = listing.page(self.store, limit, cursor, self.cursor_key)
+            customers, following = listing.page(self.store, limit, cursor, self.cursor_key,
+                                                asked)
         except listing.BadCursor as error:
             errors.fail(400, f"{error}: use the one from a Link header of this service")
         except listing.StaleCursor as error:
             errors.fail(410, f"{error}: start again without a cursor")
         headers = {}
         if following:
-            url = url_for("customers", limit=limit, cursor=following)
+            kept = {"fields": request.args["fields"]} if asked else {}
+            url = url_for("customers", limit=limit, cursor=following, **kept)
             headers["Link"] = f'<{url}>; rel="next"'
+        if ndjson:
+            return Response(transfer.lines_of(customers), 200, headers, mimetype=transfer.NDJSON)
         return json_response(customers, 200, headers)
 
     def post(self):
-        """Create a customer under a new id."""
+        """Create a customer under a new id, or import NDJSON lines (see transfer.py)."""
+        if request.mimetype == transfer.NDJSON:
+            return transfer.import_customers(self.store)
         customer = self.store.create(validation.read_fields())
         log.info("created customer %s", customer["id"])
         # Ids are URL-safe as they are (a uuid4 here): no quoting, no url_for.
@@ -201,14 +223,21 @@ class Customers_ID(Resource):  # noqa: N801 - the name of the original design
         self.store = store
 
     def get(self, customer_id):
-        """Return one customer with its ETag, or 304 when If-None-Match names it."""
+        """Return one customer with its ETag, or 304 when If-None-Match names it; with
+        ?fields=, only those fields and no ETag."""
         validation.check_id(customer_id)
+        asked = fields_asked()
         try:
-            customer = self.store.get(customer_id)
+            if asked:
+                customer = projection.read(self.store, customer_id, asked)
+            else:
+                customer = self.store.get(customer_id)
         except NotACustomer:
             not_a_customer(customer_id)
         if customer is None:
             errors.fail(404, f"customer {customer_id} does not exist")
+        if asked:
+            return json_response(customer)
         return preconditions.tagged(customer)
 
     def put(self, customer_id):
@@ -283,6 +312,7 @@ def create_app(config: Config, redis_client) -> Flask:
     app = SyncFlask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     app.config["MAX_FIELDS"] = config.max_fields
+    app.config["MAX_IMPORT_BYTES"] = config.max_import_bytes
     errors.register(app)
     request_log.install(app)
     guard = access.install(app, config.api_tokens)

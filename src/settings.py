@@ -47,6 +47,7 @@ class Config:
     db_auth: str = "password"
     db_cluster: str | None = None
     aws_region: str | None = None
+    max_import_bytes: int = 2**30
 
     @property
     def embedded(self) -> bool:
@@ -231,4 +232,5 @@ def load_config(env=None) -> Config:
         auth=_auth(env, host, tokens),
         max_fields=_integer(env, "MAX_FIELDS", Config.max_fields, 1, 100_000),
         **_iam(env, db_host),
+        max_import_bytes=_integer(env, "MAX_IMPORT_BYTES", Config.max_import_bytes, 1, 2**40),
     )
