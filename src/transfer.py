@@ -7,7 +7,7 @@ from flask import Response, current_app, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 import errors
-from bulk_merge import merge_many
+from bulk_merge import Pending, merge_many
 from storage import UNAVAILABLE, NotACustomer, TooManyFields, dumps, valid_id
 from validation import ID_RULE, Invalid, check_fields, parse_object
 
@@ -106,6 +106,7 @@ class Import:
         self.failures = []
         self.chunk, self.numbers, self.chunk_bytes = [], [], 0
         self.applied_through = 0
+        self.in_flight = None
 
     def fail(self, number: int, message: str) -> None:
         """Count a line that was not applied, and list it among the first failures."""
@@ -135,10 +136,34 @@ class Import:
             self.apply()
 
     def apply(self) -> None:
-        """Merge the queued lines, one pipeline per primary, and tally their outcomes."""
-        results = merge_many(self.store, self.chunk) if self.chunk else []
-        for (customer_id, _), number, result in zip(self.chunk, self.numbers, results,
-                                                    strict=True):
+        """Send the queued lines, one pipeline per primary, once the chunk sent before them
+        is tallied: the database applies one chunk while the next is read and checked."""
+        self.finish()
+        if self.chunk:
+            try:
+                pending = Pending(self.store, self.chunk)
+            except UNAVAILABLE:
+                pending = None  # finish() applies them again, with retries
+            self.in_flight = (pending, self.chunk, self.numbers)
+        self.chunk, self.numbers, self.chunk_bytes = [], [], 0
+
+    def finish(self) -> None:
+        """Tally the chunk in flight, applying it again with retries if its pipelines failed."""
+        if self.in_flight is None:
+            return
+        pending, chunk, numbers = self.in_flight
+        self.in_flight = None
+        results = None
+        if pending is not None:
+            try:
+                results = pending.receive()
+            except UNAVAILABLE:
+                pass  # applied again below, with retries
+        if results is None:
+            self.in_flight = (None, chunk, numbers)  # still in flight until that succeeds
+            results = merge_many(self.store, chunk)
+            self.in_flight = None
+        for (customer_id, _), number, result in zip(chunk, numbers, results, strict=True):
             if result is True:
                 self.created += 1
             elif result is False:
@@ -149,9 +174,12 @@ class Import:
             elif isinstance(result, TooManyFields):
                 self.fail(number, f"a customer holds at most MAX_FIELDS={self.store.max_fields} "
                                   f"fields; this line would leave {result.args[0]}")
-        if self.numbers:
-            self.applied_through = self.numbers[-1]
-        self.chunk, self.numbers, self.chunk_bytes = [], [], 0
+        self.applied_through = numbers[-1]
+
+    def close(self) -> None:
+        """Give back the connections of a chunk still in flight when the import stopped."""
+        if self.in_flight and self.in_flight[0]:
+            self.in_flight[0].close()
 
     def summary(self) -> dict:
         """Return what the import did, as the response tells it."""
@@ -202,7 +230,9 @@ def import_customers(store) -> Response:
         for number, line in numbered_lines(read, most_bytes):
             tally.add(number, line, most_bytes, most_fields)
         tally.apply()
+        tally.finish()
     except RequestEntityTooLarge:
+        tally.finish()
         limit = current_app.config["MAX_IMPORT_BYTES"]
         errors.fail(413, f"an import is at most MAX_IMPORT_BYTES={limit} bytes: "
                          f"{tally.so_far()}")
@@ -211,6 +241,8 @@ def import_customers(store) -> Response:
         errors.fail(503, f"the database is unavailable; {tally.so_far(pending=True)}; "
                          "try again shortly",
                     {"Retry-After": str(errors.RETRY_AFTER_SECONDS)})
+    finally:
+        tally.close()
     log.info("imported %d lines: %d created, %d updated, %d failed", tally.lines,
              tally.created, tally.updated, tally.failed)
     return Response(dumps(tally.summary()) + b"\n", 200, mimetype="application/json")

@@ -81,6 +81,15 @@ def read_body() -> bytes:
 
 def parse_object(text: bytes, what: str = "the body") -> dict:
     """Return the JSON object text holds, or raise Invalid naming what is wrong with it."""
+    # Compact JSON as orjson writes it (this service's exports, say) parses ten times faster.
+    # Only text that orjson writes back byte for byte goes that way: it holds no member named
+    # twice, no number beyond range and no lone surrogate, so it reads as json.loads reads it.
+    try:
+        quick = orjson.loads(text)
+        if type(quick) is dict and orjson.dumps(quick) == text.strip():
+            return quick
+    except (orjson.JSONDecodeError, orjson.JSONEncodeError):
+        pass
     try:
         body = json.loads(text, parse_constant=_no_constants, parse_float=_finite,
                           parse_int=_integer, object_pairs_hook=_unique)
