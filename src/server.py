@@ -79,11 +79,13 @@ def page_arguments() -> tuple[int, str | None] | None:
 
 
 def fields_asked() -> tuple:
-    """Return what HMGET asks for ?fields=, or () when the whole customer is wanted."""
+    """Return what HMGET asks for ?fields= (comma-separated, or repeated), or () when the
+    whole customer is wanted."""
     if "fields" not in request.args:
         return ()
     try:
-        names = projection.parse(request.args["fields"], current_app.config["MAX_FIELDS"])
+        names = projection.parse(",".join(request.args.getlist("fields")),
+                                 current_app.config["MAX_FIELDS"])
     except projection.BadFields as error:
         errors.fail(400, str(error))
     return projection.arguments(names)
@@ -194,7 +196,7 @@ class Customers(Resource):
             errors.fail(410, f"{error}: start again without a cursor")
         headers = {}
         if following:
-            kept = {"fields": request.args["fields"]} if asked else {}
+            kept = {"fields": ",".join(request.args.getlist("fields"))} if asked else {}
             url = url_for("customers", limit=limit, cursor=following, **kept)
             headers["Link"] = f'<{url}>; rel="next"'
         if ndjson:
