@@ -4,7 +4,7 @@ from redis import exceptions as rx
 
 from database import on_primary
 from storage import KEY_PREFIX, TYPE_PREFIX, NotACustomer, customer_key, decode, is_wrongtype
-from validation import MAX_FIELD_NAME
+from validation import Invalid, check_fields
 
 
 class BadFields(ValueError):
@@ -16,13 +16,11 @@ def parse(text: str, most: int) -> tuple[str, ...]:
     names = text.split(",")
     if len(names) > most:
         raise BadFields(f"fields names at most MAX_FIELDS={most} fields, got {len(names)}")
-    for name in names:
-        if not name:
-            raise BadFields("fields is a comma-separated list of field names, none empty")
-        if len(name) > MAX_FIELD_NAME:
-            raise BadFields(f"a field name is at most {MAX_FIELD_NAME} characters")
-        if name.startswith(TYPE_PREFIX):
-            raise BadFields(f"field {name!r}: names starting with {TYPE_PREFIX!r} are reserved")
+    try:
+        # The names a body may set are the names a projection may ask for.
+        check_fields(dict.fromkeys(names, ""), most)
+    except Invalid as error:
+        raise BadFields(f"fields is a comma-separated list of field names: {error}") from None
     return tuple(dict.fromkeys(names))
 
 

@@ -27,7 +27,6 @@ from database import connect
 from embedded import SERVICE_USER, EmbeddedError, EmbeddedRedis, find_redis_server
 from settings import Config, ConfigError, load_config
 from storage import (
-    UNAVAILABLE,
     CustomerStore,
     NotACustomer,
     NothingLeft,
@@ -37,7 +36,6 @@ from storage import (
 )
 
 log = logging.getLogger("customers")
-STREAM_CHUNK_BYTES = 64 * 1024
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 
@@ -107,37 +105,12 @@ def members(items: list) -> bytes:
 
 def stream_json_array(batches) -> Response:
     """Answer with a JSON array of the items of each batch, written as the batches arrive."""
-    batches = (batch for batch in batches if batch)
-    # Reading the first batch before answering turns an outage at the start into a 503.
-    first = next(batches, None)
+    def encode(batch, first):
+        return (b"[" if first else b",") + members(batch)
 
-    def chunks():
-        if first is None:
-            yield b"[]\n"
-            return
-        # The first batch goes out at once: the status line is sent, and the client starts.
-        yield b"[" + members(first)
-        buffer, size, count = [], 0, len(first)
-        try:
-            for batch in batches:
-                text = b"," + members(batch)
-                buffer.append(text)
-                size += len(text)
-                count += len(batch)
-                if size >= STREAM_CHUNK_BYTES:
-                    yield b"".join(buffer)
-                    buffer, size = [], 0
-        except UNAVAILABLE as error:
-            # Too late for a 503: end the body with the array unclosed, which no JSON parser
-            # takes for a whole list, rather than pass for complete.
-            log.warning("list cut short after %d customers: %s: %s", count,
-                        type(error).__name__, error)
-            yield b"".join(buffer)
-            return
-        buffer.append(b"]\n")
-        yield b"".join(buffer)
-
-    return Response(chunks(), mimetype="application/json")
+    # Cut short, the array stays unclosed: no JSON parser takes it for a whole list.
+    chunks = transfer.streamed(batches, encode, b"]\n", b"")
+    return Response(chunks or [b"[]\n"], mimetype="application/json")
 
 
 def stale(customer_id: str):

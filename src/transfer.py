@@ -33,20 +33,20 @@ def lines_of(customers: list) -> bytes:
     return b"".join(dumps(customer) + b"\n" for customer in customers)
 
 
-def stream(batches) -> Response:
-    """Answer with the customers of each batch as NDJSON lines, written as the batches arrive."""
+def streamed(batches, encode, end: bytes, cut_short: bytes):
+    """Return the body's chunks: encode(batch, first?) of each batch, written about
+    STREAM_CHUNK_BYTES at a time, then end, or cut_short when the database fails midway; None
+    when there is no batch. The first batch is read now: an outage at the start is a 503."""
     batches = (batch for batch in batches if batch)
-    # Reading the first batch before answering turns an outage at the start into a 503.
     first = next(batches, None)
 
     def chunks():
-        if first is None:
-            return
-        yield lines_of(first)
+        # The first batch goes out at once: the status line is sent, and the client starts.
+        yield encode(first, True)
         buffer, size, count = [], 0, len(first)
         try:
             for batch in batches:
-                text = lines_of(batch)
+                text = encode(batch, False)
                 buffer.append(text)
                 size += len(text)
                 count += len(batch)
@@ -54,13 +54,22 @@ def stream(batches) -> Response:
                     yield b"".join(buffer)
                     buffer, size = [], 0
         except UNAVAILABLE as error:
-            # Too late for a 503: end with a line that is no JSON, rather than pass for complete.
-            log.warning("export cut short after %d customers: %s: %s", count,
+            # Too late for a 503: end with what no parser takes for a whole list.
+            log.warning("list cut short after %d customers: %s: %s", count,
                         type(error).__name__, error)
-            buffer.append(CUT_SHORT)
+            buffer.append(cut_short)
+            yield b"".join(buffer)
+            return
+        buffer.append(end)
         yield b"".join(buffer)
 
-    return Response(chunks(), mimetype=NDJSON)
+    return chunks() if first is not None else None
+
+
+def stream(batches) -> Response:
+    """Answer with the customers of each batch as NDJSON lines, written as the batches arrive."""
+    chunks = streamed(batches, lambda batch, _: lines_of(batch), b"", CUT_SHORT)
+    return Response(chunks or [], mimetype=NDJSON)
 
 
 def numbered_lines(read, most: int):

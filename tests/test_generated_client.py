@@ -1,6 +1,7 @@
 """The served OpenAPI document generates a client (openapi-python-client) that works end to end."""
 
 import importlib
+import io
 import subprocess
 import sys
 import urllib.request
@@ -74,6 +75,7 @@ def test_a_generated_client_creates_reads_updates_patches_pages_and_deletes(
 
 def use(client, models, database):
     """Create, read, update, patch, page through and delete customers with the client."""
+    types = importlib.import_module(f"{PACKAGE}.types")
     from_api = {name: importlib.import_module(f"{PACKAGE}.api.default.{name}")
                 for name in ("create_customer", "get_customer", "put_customer",
                              "patch_customer", "list_customers", "delete_customer")}
@@ -113,11 +115,12 @@ def use(client, models, database):
     assert pages == 3
 
     projected = from_api["get_customer"].sync_detailed(customer_id, client=client,
-                                                       fields=["balance", "city"])
+                                                       fields="balance,city")
     assert projected.parsed.to_dict() == {"id": customer_id, "balance": 20, "city": "Oslo"}
     assert "etag" not in projected.headers
+    lines = io.BytesIO(b'{"id": "imported", "n": 1}\n{"name": "Ann"}\nnot json\n')
     imported = from_api["create_customer"].sync_detailed(
-        client=client, body='{"id": "imported", "n": 1}\n{"name": "Ann"}\nnot json\n')
+        client=client, body=types.File(payload=lines))
     assert imported.status_code == 200
     assert isinstance(imported.parsed, models.ImportSummary)
     assert imported.parsed.to_dict() == {

@@ -50,9 +50,9 @@ def test_a_projection_of_a_missing_customer_is_404_and_of_another_programs_key_4
 
 
 @pytest.mark.parametrize(("query", "words"), [
-    ("fields=", "none empty"),
-    ("fields=name,,email", "none empty"),
-    ("fields=name,", "none empty"),
+    ("fields=", "a field name must not be empty"),
+    ("fields=name,,email", "a field name must not be empty"),
+    ("fields=name,", "a field name must not be empty"),
     ("fields=_type:balance", "reserved"),
     ("fields=a,b,c,d", "at most MAX_FIELDS=3 fields, got 4"),
     ("fields=" + "x" * 257, "at most 256 characters"),
