@@ -85,14 +85,17 @@ class PeakRss:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def sample(self) -> int:
+        """Return the summed RSS now (0 if a process went away meanwhile)."""
+        try:
+            processes = [self.process, *self.process.children(recursive=True)]
+            return sum(process.memory_info().rss for process in processes)
+        except psutil.Error:
+            return 0
+
     def _run(self):
         while not self._stop.wait(0.02):
-            try:
-                processes = [self.process, *self.process.children(recursive=True)]
-                total = sum(process.memory_info().rss for process in processes)
-            except psutil.Error:
-                continue
-            self.peak = max(self.peak, total)
+            self.peak = max(self.peak, self.sample())
 
     def __enter__(self):
         if self.process:
@@ -116,6 +119,7 @@ def import_all(url: str, prefix: str, start: int, stop: int, pid: int | None = N
     """POST customers as one chunked NDJSON body; return its seconds, rate, summary, peak RSS."""
     host, port = url.removeprefix("http://").split(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=600)
+    before = PeakRss(pid).sample() if pid else 0
     with PeakRss(pid) as rss:
         started = time.perf_counter()
         connection.request("POST", "/customers", ndjson(prefix, start, stop),
@@ -128,7 +132,8 @@ def import_all(url: str, prefix: str, start: int, stop: int, pid: int | None = N
         raise RuntimeError(f"import of {stop - start}: {response.status} {summary}")
     return {"customers": stop - start, "seconds": seconds, "per_second": (stop - start) / seconds,
             "created": summary["created"], "updated": summary["updated"],
-            "peak_rss_mb": rss.peak / 2**20 if pid else None}
+            "peak_rss_mb": rss.peak / 2**20 if pid else None,
+            "rss_before_mb": before / 2**20 if pid else None}
 
 
 def list_all(url: str, expected: int, pid: int | None = None, exact: bool = True) -> dict:
@@ -268,8 +273,9 @@ def import_lines(results: dict) -> list:
     return [f"| import {small['customers']:,} customers (one NDJSON POST; baseline: one PUT "
             f"each), customers/s | {small['per_second']:.0f} | {put:.0f} | "
             f"{small['per_second'] / put:.1f} |",
-            f"| import {big['customers']:,} customers, s / customers/s / peak RSS MB | "
-            f"{big['seconds']:.1f} / {big['per_second']:.0f} / {big['peak_rss_mb']:.0f} | - | - |"]
+            f"| import {big['customers']:,} customers, s / customers/s / peak RSS MB (before "
+            f"it: {big['rss_before_mb']:.0f}) | {big['seconds']:.1f} / {big['per_second']:.0f} / "
+            f"{big['peak_rss_mb']:.0f} | - | - |"]
 
 
 def main() -> int:

@@ -12,6 +12,8 @@ timed-out or disconnected command may still have been applied:
 - DEL of a key that is already gone is still a success (DELETE answers 204 either way);
 - a create draws its uuid before the first attempt, so a retry writes the same new key
   and never makes a second customer;
+- an NDJSON import chunk (bulk_merge.py) is merges and creates of the kinds above, so the
+  whole chunk is sent again; its new customers' ids are drawn before the first attempt;
 - a write that reached its primary but too few replicas (DBWAITREPLICAS) is one of the
   above, so it is applied again and waited for again.
 A conditional write (WATCH, check, MULTI/EXEC) must retry the whole check-and-write: if a

@@ -3,15 +3,18 @@
 import http.client
 import io
 import json
+import threading
 import uuid
 from urllib.parse import quote
 
+import psutil
 import pytest
 import redis
 from flask import Flask
 
 from conftest import cluster_config
 from database import connect
+from embedded import free_port
 from http_client import call
 from server import create_app
 from service_process import ServiceProcess
@@ -323,3 +326,68 @@ def test_the_memorydb_cluster_imports_with_dbwaitreplicas_under_the_app_user(mem
         assert by_id(exported(client, "?fields=vip"))["c2"] == {"id": "c2", "vip": True}
     finally:
         redis_client.close()
+
+
+def test_an_import_export_or_projection_while_the_database_is_down_is_503():
+    config = Config(db_host="127.0.0.1", db_port=free_port(), db_timeout=0.5,
+                    db_retry_seconds=0.5)
+    redis_client = connect(config)
+    client = create_app(config, redis_client).test_client()
+    body = lines(*({"id": f"c{n}", "n": n} for n in range(10)))
+    response = client.post("/customers", data=body, headers=NDJSON_IN)
+    assert response.status_code == 503
+    assert response.headers["Retry-After"]
+    assert response.get_json()["message"] == (
+        "the database is unavailable; no line was applied (0 created, 0 updated, 0 failed); "
+        "the next chunk of lines may be in part, the lines after it were not; try again shortly")
+    assert client.get("/customers", headers=NDJSON_OUT).status_code == 503
+    assert client.get("/customers/1?fields=name").status_code == 503
+    assert client.get("/customers?fields=name&limit=5").status_code == 503
+
+
+def resident_megabytes(process: psutil.Process) -> float:
+    return process.memory_info().rss / 2**20
+
+
+def post_lines(port: int, count: int, prefix: str) -> dict:
+    """POST count generated customers as one chunked NDJSON body; return the summary."""
+    def pieces():
+        for first in range(0, count, 1000):
+            yield b"".join(b'{"id": "%s%d", "name": "Joe", "email": "joe@example.com", '
+                           b'"balance": %d}\n' % (prefix.encode(), n, n)
+                           for n in range(first, min(first + 1000, count)))
+
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    try:
+        connection.request("POST", "/customers", pieces(), NDJSON_IN, encode_chunked=True)
+        response = connection.getresponse()
+        assert response.status == 200
+        return json.loads(response.read())
+    finally:
+        connection.close()
+
+
+@pytest.mark.cluster
+def test_a_worker_does_not_grow_with_the_size_of_an_import(redis_cluster):
+    redis_cluster.flush()
+    env = {**redis_cluster.service_env(), "WORKERS": "1", "THREADS": "2", "LOG_LEVEL": "WARNING"}
+    with ServiceProcess(env) as service:
+        [worker] = psutil.Process(service.process.pid).children()
+        assert post_lines(service.port, 20_000, "warm")["created"] == 20_000
+        before, peak, done = resident_megabytes(worker), [0.0], threading.Event()
+
+        def sample():
+            while not done.wait(0.02):
+                peak[0] = max(peak[0], resident_megabytes(worker))
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        try:
+            summary = post_lines(service.port, 200_000, "big")
+        finally:
+            done.set()
+            sampler.join()
+        grown = peak[0] - before
+    assert (summary["created"], summary["failed"]) == (200_000, 0)
+    print(f"\nworker peaked {grown:.1f} MB above its size before, importing 200,000 customers")
+    assert grown <= 20
