@@ -4,6 +4,7 @@ import http.client
 import io
 import json
 import threading
+import time
 import uuid
 from urllib.parse import quote
 
@@ -16,6 +17,8 @@ from conftest import cluster_config
 from database import connect
 from embedded import free_port
 from http_client import call
+from listing import walk
+from local_cluster import LocalCluster
 from server import create_app
 from service_process import ServiceProcess
 from settings import Config
@@ -391,3 +394,40 @@ def test_a_worker_does_not_grow_with_the_size_of_an_import(redis_cluster):
     assert (summary["created"], summary["failed"]) == (200_000, 0)
     print(f"\nworker peaked {grown:.1f} MB above its size before, importing 200,000 customers")
     assert grown <= 20
+
+
+@pytest.mark.cluster
+def test_an_import_through_a_primary_failover_applies_every_line_once(tmp_path,
+                                                                      redis_server_binary):
+    count = 30_000
+    body = b"".join(b'{"name": "Joe", "n": %d}\n' % n for n in range(count))  # new ids
+    with LocalCluster(redis_server_binary, tmp_path, replicas=1) as cluster:
+        # DBWAITREPLICAS=1: an acknowledged chunk is on a replica, so the failover keeps it.
+        config = cluster_config(cluster, db_wait_replicas=1, db_retry_seconds=40)
+        redis_client = connect(config)
+        client = create_app(config, redis_client).test_client()
+        answered = {}
+        importing = threading.Thread(target=lambda: answered.update(
+            response=client.post("/customers", data=body, headers=NDJSON_IN)))
+        importing.start()
+        victim = cluster.primary_nodes()[0]
+        deadline = time.monotonic() + 60
+        while cluster.admin(victim).dbsize() < 1000 and importing.is_alive():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert importing.is_alive(), "the import ended before the failover"
+        cluster.kill(victim)
+        cluster.wait_ok(60)  # its replica took over; it comes back as a replica of that one
+        cluster.start_node(victim)
+        importing.join(120)
+        response = answered["response"]
+        assert response.status_code == 200, response.get_json()
+        summary = response.get_json()
+        print(f"\nimport through a failover: {summary['created']} created, "
+              f"{summary['updated']} updated (applied again by a retry)")
+        assert (summary["created"] + summary["updated"], summary["failed"]) == (count, 0)
+        stored = [customer for batch in walk(CustomerStore(redis_client, retry_seconds=30))
+                  for customer in batch]
+        redis_client.close()
+    assert len(stored) == count
+    assert sorted(customer["n"] for customer in stored) == list(range(count))
