@@ -163,13 +163,22 @@ def _checked_fields(body: dict) -> dict:
         fail(400, str(error))
 
 
+def _plain(item) -> bool:
+    name, value = item
+    return (0 < len(name) <= MAX_FIELD_NAME and not name.startswith(TYPE_PREFIX)
+            and not isinstance(value, dict | list))
+
+
 def check_fields(body: dict, most: int) -> dict:
     """Return the fields of body, or raise Invalid unless a customer can hold them as sent."""
-    setting = sum(value is not None for value in body.values())
+    setting = len(body) - list(body.values()).count(None)
     # Removing every field while setting as many is the most a body can mean.
     if setting > most or len(body) > 2 * most:
         raise Invalid(f"a customer holds at most MAX_FIELDS={most} fields; the body sets "
                       f"{setting} and names {len(body)}")
+    # One test a field, in C but for the call (imports check millions); a failure is named below.
+    if all(map(_plain, body.items())):
+        return body
     for name, value in body.items():
         if not name:
             raise Invalid("a field name must not be empty")
