@@ -39,6 +39,12 @@ def customer(customer_id: str, asked: tuple, values: list) -> dict:
     return decode(customer_id, raw)
 
 
+def picked(customer: dict, asked: tuple) -> dict:
+    """Return the asked-for fields of a customer read whole."""
+    return {"id": customer["id"], **{name: customer[name] for name in asked[1::2]
+                                     if name in customer}}
+
+
 def read(store, customer_id: str, asked: tuple) -> dict | None:
     """Return the asked-for fields of one customer, or None when there is no customer."""
     return store.retrying(_read, store.redis, customer_id, asked)

@@ -33,6 +33,7 @@ from storage import (
     PreconditionFailed,
     TooManyFields,
     dumps,
+    version,
 )
 
 log = logging.getLogger("customers")
@@ -202,8 +203,10 @@ class Customers_ID(Resource):  # noqa: N801 - the name of the original design
         ?fields=, only those fields and no ETag."""
         validation.check_id(customer_id)
         asked = fields_asked()
+        # Conditions name versions of the whole customer: with them, it is read whole.
+        projected = asked and not (request.if_match or request.if_none_match)
         try:
-            if asked:
+            if projected:
                 customer = projection.read(self.store, customer_id, asked)
             else:
                 customer = self.store.get(customer_id)
@@ -211,8 +214,11 @@ class Customers_ID(Resource):  # noqa: N801 - the name of the original design
             not_a_customer(customer_id)
         if customer is None:
             errors.fail(404, f"customer {customer_id} does not exist")
-        if asked:
+        if projected:
             return json_response(customer)
+        if asked:
+            unchanged = preconditions.read_condition(customer_id, version(customer))
+            return unchanged or json_response(projection.picked(customer, asked))
         return preconditions.tagged(customer)
 
     def put(self, customer_id):

@@ -131,3 +131,16 @@ def test_a_key_deleted_between_scan_and_read_is_not_listed(redis_client):
     listed = customers_of(redis_client, ["customer:here", "customer:gone"], replies,
                           arguments(("name",)))
     assert listed == [{"id": "here"}]
+
+
+def test_conditions_on_a_projected_read_name_versions_of_the_whole_customer(client):
+    etag = client.put("/customers/1", json=JOE) and client.get("/customers/1").headers["ETag"]
+    stale = client.get("/customers/1?fields=name", headers={"If-Match": '"0123"'})
+    assert stale.status_code == 412
+    unchanged = client.get("/customers/1?fields=name", headers={"If-None-Match": etag})
+    assert unchanged.status_code == 304 and "ETag" not in unchanged.headers
+    current = client.get("/customers/1?fields=name,vip", headers={"If-Match": etag})
+    assert current.status_code == 200 and "ETag" not in current.headers
+    assert current.get_json() == {"id": "1", "name": "Joe", "vip": True}
+    changed = client.get("/customers/1?fields=name", headers={"If-None-Match": '"0123"'})
+    assert changed.get_json() == {"id": "1", "name": "Joe"}
