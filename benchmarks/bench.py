@@ -136,11 +136,13 @@ def import_all(url: str, prefix: str, start: int, stop: int, pid: int | None = N
             "rss_before_mb": before / 2**20 if pid else None}
 
 
-def list_all(url: str, expected: int, pid: int | None = None, exact: bool = True) -> dict:
+def list_all(url: str, expected: int, pid: int | None = None, exact: bool = True,
+             accept: str = "application/json") -> dict:
     """GET the whole list; return its seconds, first-byte seconds and the server's peak RSS."""
+    request = urllib.request.Request(url + "/customers", headers={"Accept": accept})
     with PeakRss(pid) as rss:
         started = time.perf_counter()
-        with urllib.request.urlopen(url + "/customers", timeout=600) as response:
+        with urllib.request.urlopen(request, timeout=600) as response:
             response.read(1)
             first_byte = time.perf_counter() - started
             body = response.read()
@@ -218,6 +220,10 @@ def run(args) -> dict:
                   "stored already) into the service", flush=True)
             results["service"]["import_big"] = import_all(service.url, "bench", 0, args.big,
                                                           service.process.pid)
+            print(f"exporting {stored(db)} as NDJSON from the service", flush=True)
+            results["service"]["export_big"] = {
+                "customers": stored(db), **list_all(service.url, stored(db), service.process.pid,
+                                                     accept="application/x-ndjson")}
             if args.imports_only:
                 return results
             print(f"listing {stored(db)} with the service", flush=True)
@@ -275,13 +281,16 @@ def import_lines(results: dict) -> list:
     """Return the table's lines on NDJSON imports: against one PUT a customer (the original's
     way, wrk's rate), and the service's peak RSS importing the big list."""
     ours, put = results["service"], results["baseline"]["put"]["rps"]
-    small, big = ours["import"], ours["import_big"]
+    small, big, export = ours["import"], ours["import_big"], ours["export_big"]
     return [f"| import {small['customers']:,} customers (one NDJSON POST; baseline: one PUT "
             f"each), customers/s | {small['per_second']:.0f} | {put:.0f} | "
             f"{small['per_second'] / put:.1f} |",
             f"| import {big['customers']:,} customers, s / customers/s / peak RSS MB (before "
             f"it: {big['rss_before_mb']:.0f}) | {big['seconds']:.1f} / {big['per_second']:.0f} / "
-            f"{big['peak_rss_mb']:.0f} | - | - |"]
+            f"{big['peak_rss_mb']:.0f} | - | - |",
+            f"| export {export['customers']:,} customers (NDJSON), s / customers/s / peak RSS MB |"
+            f" {export['seconds']:.1f} / {export['customers'] / export['seconds']:.0f} / "
+            f"{export['peak_rss_mb']:.0f} | - | - |"]
 
 
 def main() -> int:
