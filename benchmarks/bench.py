@@ -6,6 +6,7 @@ with wrk from a separate process, the same connections and duration for both.
 """
 
 import argparse
+import http.client
 import json
 import os
 import shutil
@@ -29,6 +30,9 @@ from service_process import ServiceProcess  # noqa: E402
 
 FIELDS = {"name": "Joe", "lastName": "Doe", "email": "joe@example.com", "phone": "+1 555 0100",
           "balance": "1000", "_type:balance": "int"}
+# The same customer as an NDJSON line (load.lua's body), its id inserted before it.
+LINE = b'"name":"Joe","lastName":"Doe","email":"joe@example.com","phone":"+1 555 0100",' \
+       b'"balance":1000}\n'
 
 
 def load(cluster_client, start: int, stop: int) -> None:
@@ -81,14 +85,17 @@ class PeakRss:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def sample(self) -> int:
+        """Return the summed RSS now (0 if a process went away meanwhile)."""
+        try:
+            processes = [self.process, *self.process.children(recursive=True)]
+            return sum(process.memory_info().rss for process in processes)
+        except psutil.Error:
+            return 0
+
     def _run(self):
         while not self._stop.wait(0.02):
-            try:
-                processes = [self.process, *self.process.children(recursive=True)]
-                total = sum(process.memory_info().rss for process in processes)
-            except psutil.Error:
-                continue
-            self.peak = max(self.peak, total)
+            self.peak = max(self.peak, self.sample())
 
     def __enter__(self):
         if self.process:
@@ -101,11 +108,41 @@ class PeakRss:
             self._thread.join()
 
 
-def list_all(url: str, expected: int, pid: int | None = None, exact: bool = True) -> dict:
-    """GET the whole list; return its seconds, first-byte seconds and the server's peak RSS."""
+def ndjson(prefix: str, start: int, stop: int):
+    """Yield NDJSON lines of customers <prefix><start> .. <prefix><stop - 1>, 1,000 at a time."""
+    for first in range(start, stop, 1000):
+        yield b"".join(b'{"id":"%s%d",' % (prefix.encode(), n) + LINE
+                       for n in range(first, min(first + 1000, stop)))
+
+
+def import_all(url: str, prefix: str, start: int, stop: int, pid: int | None = None) -> dict:
+    """POST customers as one chunked NDJSON body; return its seconds, rate, summary, peak RSS."""
+    host, port = url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=600)
+    before = PeakRss(pid).sample() if pid else 0
     with PeakRss(pid) as rss:
         started = time.perf_counter()
-        with urllib.request.urlopen(url + "/customers", timeout=600) as response:
+        connection.request("POST", "/customers", ndjson(prefix, start, stop),
+                           {"Content-Type": "application/x-ndjson"}, encode_chunked=True)
+        response = connection.getresponse()
+        summary = json.loads(response.read())
+        seconds = time.perf_counter() - started
+    connection.close()
+    if response.status != 200 or summary["created"] + summary["updated"] != stop - start:
+        raise RuntimeError(f"import of {stop - start}: {response.status} {summary}")
+    return {"customers": stop - start, "seconds": seconds, "per_second": (stop - start) / seconds,
+            "created": summary["created"], "updated": summary["updated"],
+            "peak_rss_mb": rss.peak / 2**20 if pid else None,
+            "rss_before_mb": before / 2**20 if pid else None}
+
+
+def list_all(url: str, expected: int, pid: int | None = None, exact: bool = True,
+             accept: str = "application/json") -> dict:
+    """GET the whole list; return its seconds, first-byte seconds and the server's peak RSS."""
+    request = urllib.request.Request(url + "/customers", headers={"Accept": accept})
+    with PeakRss(pid) as rss:
+        started = time.perf_counter()
+        with urllib.request.urlopen(request, timeout=600) as response:
             response.read(1)
             first_byte = time.perf_counter() - started
             body = response.read()
@@ -153,22 +190,42 @@ def run(args) -> dict:
         targets = {"service": service.url, "baseline": f"http://127.0.0.1:{port}"}
         try:
             wait_http(targets["baseline"], baseline)
-            print(f"listing {args.ids} with both, in turns", flush=True)
-            for name, listed in median_lists(targets, args.ids).items():
-                results[name]["list_small"] = listed
-            for mode in ("get", "put", "post"):
+            if not args.imports_only:
+                print(f"listing {args.ids} with both, in turns", flush=True)
+                for name, listed in median_lists(targets, args.ids).items():
+                    results[name]["list_small"] = listed
+            for mode in ("put",) if args.imports_only else ("get", "put", "post"):
                 for name, url in targets.items():
                     print(f"{mode.upper()} on the {name} for {args.seconds}s", flush=True)
                     results[name][mode] = wrk(url, mode, args.ids, args.seconds,
                                               args.connections)
             time.sleep(2)  # let the requests still queued when wrk stopped finish
+            print(f"importing {args.imports} new customers (NDJSON) into the service, 3 times",
+                  flush=True)
+            # The median of three: one import takes seconds, which a busy machine can spoil.
+            imports = [import_all(service.url, f"import{run}-", 0, args.imports)
+                       for run in range(3)]
+            results["service"]["import"] = sorted(imports, key=lambda run: run["seconds"])[1]
+            results["service"]["import"]["all_per_second"] = [run["per_second"]
+                                                              for run in imports]
             db.flushall(target_nodes=RedisCluster.PRIMARIES)
             load(db, 0, args.baseline_big)
-            print(f"listing {stored(db)} with the baseline", flush=True)
-            results["baseline"]["list_big"] = {
-                "customers": stored(db),
-                **list_all(targets["baseline"], stored(db), baseline.pid, exact=False)}
-            load(db, args.baseline_big, args.big)
+            if not args.imports_only:
+                print(f"listing {stored(db)} with the baseline", flush=True)
+                results["baseline"]["list_big"] = {
+                    "customers": stored(db),
+                    **list_all(targets["baseline"], stored(db), baseline.pid, exact=False)}
+            # The service's big list is loaded by an import: its peak RSS is the import's.
+            print(f"importing {args.big} customers (NDJSON, {args.baseline_big} of them "
+                  "stored already) into the service", flush=True)
+            results["service"]["import_big"] = import_all(service.url, "bench", 0, args.big,
+                                                          service.process.pid)
+            print(f"exporting {stored(db)} as NDJSON from the service", flush=True)
+            results["service"]["export_big"] = {
+                "customers": stored(db), **list_all(service.url, stored(db), service.process.pid,
+                                                     accept="application/x-ndjson")}
+            if args.imports_only:
+                return results
             print(f"listing {stored(db)} with the service", flush=True)
             results["service"]["list_big"] = {
                 "customers": stored(db), **list_all(service.url, stored(db),
@@ -209,10 +266,31 @@ def table(results: dict) -> str:
     rows.append(("first byte of that list, s", big["first_byte_seconds"],
                  base_big["first_byte_seconds"],
                  big["first_byte_seconds"] / base_big["first_byte_seconds"], "{:.3f}"))
+    return "\n".join(table_lines(rows) + import_lines(results))
+
+
+def table_lines(rows: list) -> list:
+    """Return the Markdown lines of a table of rows."""
     lines = ["| figure | service | baseline | service / baseline |", "| --- | ---: | ---: | ---: |"]
     for label, mine, theirs, ratio, fmt in rows:
         lines.append(f"| {label} | {fmt.format(mine)} | {fmt.format(theirs)} | {ratio:.2f} |")
-    return "\n".join(lines)
+    return lines
+
+
+def import_lines(results: dict) -> list:
+    """Return the table's lines on NDJSON imports: against one PUT a customer (the original's
+    way, wrk's rate), and the service's peak RSS importing the big list."""
+    ours, put = results["service"], results["baseline"]["put"]["rps"]
+    small, big, export = ours["import"], ours["import_big"], ours["export_big"]
+    return [f"| import {small['customers']:,} customers (one NDJSON POST; baseline: one PUT "
+            f"each), customers/s | {small['per_second']:.0f} | {put:.0f} | "
+            f"{small['per_second'] / put:.1f} |",
+            f"| import {big['customers']:,} customers, s / customers/s / peak RSS MB (before "
+            f"it: {big['rss_before_mb']:.0f}) | {big['seconds']:.1f} / {big['per_second']:.0f} / "
+            f"{big['peak_rss_mb']:.0f} | - | - |",
+            f"| export {export['customers']:,} customers (NDJSON), s / customers/s / peak RSS MB |"
+            f" {export['seconds']:.1f} / {export['customers'] / export['seconds']:.0f} / "
+            f"{export['peak_rss_mb']:.0f} | - | - |"]
 
 
 def main() -> int:
@@ -223,20 +301,27 @@ def main() -> int:
     parser.add_argument("--big", type=int, default=1000000, help="customers the service lists")
     parser.add_argument("--baseline-big", type=int, default=100000,
                         help="customers the baseline lists")
+    parser.add_argument("--imports", type=int, default=100000,
+                        help="customers the timed NDJSON import creates")
+    parser.add_argument("--imports-only", action="store_true",
+                        help="measure only the imports (and the baseline's PUT)")
     args = parser.parse_args()
     if not shutil.which("wrk"):
         print("wrk is missing: `make bench` installs it (apt-get install wrk)", file=sys.stderr)
         return 2
     results = run(args)
-    results["table"] = table(results)
+    results["table"] = ("\n".join(table_lines([]) + import_lines(results)) if args.imports_only
+                        else table(results))
     results["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     results["cpus"] = os.cpu_count()
     print(results["table"])
     out = HERE / "results"
     out.mkdir(exist_ok=True)
-    for name in (f"bench-{results['finished']}.json", "latest.json"):
+    kind = "imports" if args.imports_only else "bench"
+    latest = "imports-latest.json" if args.imports_only else "latest.json"
+    for name in (f"{kind}-{results['finished']}.json", latest):
         (out / name).write_text(json.dumps(results, indent=2) + "\n")
-    print(f"written to {out / 'latest.json'}")
+    print(f"written to {out / latest}")
     return 0
 
 

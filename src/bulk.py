@@ -6,7 +6,8 @@ own pool (TLS and AUTH are done), and the replies taken straight from its hiredi
 reader is a redis-py internal (`connection._parser._reader`, and its "no reply yet" sentinel):
 `Batch` is used only with the redis-py and hiredis versions it was tested with (FAST_READER),
 and `PipelineBatch`, through redis-py's public pipeline, with any other. Only HGETALL and SCAN
-are sent, both within the service's least-privilege ACL.
+(or HMGET of some fields, for a projection) are sent, all within the service's
+least-privilege ACL.
 """
 
 import logging
@@ -42,14 +43,15 @@ NOT_ENOUGH_DATA = _fast_reader()
 
 
 class Batch:
-    """HGETALL of many keys, then optionally a SCAN step, sent now on one connection, read later."""
+    """HGETALL (or HMGET of the fields asked) of many keys, then optionally a SCAN step, sent
+    now on one connection, read later."""
 
-    def __init__(self, node, keys: list, scan: tuple = ()):
+    def __init__(self, node, keys: list, scan: tuple = (), asked: tuple = ()):
         self.pool = node.connection_pool
         self.keys = keys
         self.connection = self.pool.get_connection()
         try:
-            packed = [_hgetall_each(keys)]
+            packed = [_hmget_each(keys, asked) if asked else _hgetall_each(keys)]
             if scan:
                 packed += self.connection.pack_command("SCAN", *scan)
             self.packed = b"".join(packed)
@@ -65,7 +67,8 @@ class Batch:
             raise
 
     def receive(self) -> tuple[list, list | None]:
-        """Return the replies to HGETALL (error replies as exceptions) and the SCAN step's."""
+        """Return the replies to HGETALL or HMGET (error replies as exceptions) and the SCAN
+        step's."""
         connection = self.connection
         try:
             try:
@@ -99,17 +102,21 @@ class Batch:
 class PipelineBatch:
     """What Batch does, through redis-py's public pipeline: sent and read in receive()."""
 
-    def __init__(self, node, keys: list, scan: tuple = ()):
+    def __init__(self, node, keys: list, scan: tuple = (), asked: tuple = ()):
         self.keys = keys
         self.scans = bool(scan)
         self.pipe = node.pipeline(transaction=False)
         for key in keys:
-            self.pipe.execute_command("HGETALL", key)
+            if asked:
+                self.pipe.execute_command("HMGET", key, *asked)
+            else:
+                self.pipe.execute_command("HGETALL", key)
         if scan:
             self.pipe.execute_command("SCAN", *scan)
 
     def receive(self) -> tuple[list, list | None]:
-        """Return the replies to HGETALL (error replies as exceptions) and the SCAN step's."""
+        """Return the replies to HGETALL or HMGET (error replies as exceptions) and the SCAN
+        step's."""
         try:
             replies = self.pipe.execute(raise_on_error=False) if self.pipe else []
         finally:
@@ -143,6 +150,19 @@ def _hgetall_each(keys: list) -> bytes:
                      for key in (key.encode("utf-8", "surrogateescape") for key in keys)])
 
 
+def _bulk_string(text: str) -> bytes:
+    """Return text as a RESP bulk string."""
+    data = text.encode("utf-8", "surrogateescape")
+    return b"$%d\r\n%s\r\n" % (len(data), data)
+
+
+def _hmget_each(keys: list, asked: tuple) -> bytes:
+    """Return HMGET of the asked fields of each key, packed as Redis reads commands."""
+    head = b"*%d\r\n$5\r\nHMGET\r\n" % (len(asked) + 2)
+    tail = b"".join(map(_bulk_string, asked))
+    return b"".join([head + _bulk_string(key) + tail for key in keys])
+
+
 def _read(connection, count: int) -> list:
     """Read count replies, error replies as exceptions."""
     # Replies hiredis already holds are taken straight from its reader: read_response per reply
@@ -165,6 +185,6 @@ def _read(connection, count: int) -> list:
         elif isinstance(reply, PushNotification):
             parser.handle_push_response(reply)
         else:
-            # HGETALL and SCAN answer lists or errors: anything else is a reader that changed.
+            # HGETALL, HMGET and SCAN answer lists or errors: anything else is a changed reader.
             raise UnexpectedReply(f"the hiredis reader gave {type(reply).__name__}: {reply!r:.80}")
     return replies

@@ -17,6 +17,8 @@ timed-out or disconnected command may still have been applied:
 - a create draws its uuid before the first attempt, so a retry writes the same new key
   and never makes a second customer; with an Idempotency-Key (idempotency.py), the retry
   finds the key's record naming that uuid and answers as the create, not as a replay;
+- an NDJSON import chunk (bulk_merge.py) is merges and creates of the kinds above, so the
+  whole chunk is sent again; its new customers' ids are drawn before the first attempt;
 - a write that reached its primary but too few replicas (DBWAITREPLICAS) is one of the
   above, so it is applied again and waited for again.
 A conditional write (WATCH, check, MULTI/EXEC) must retry the whole check-and-write: if a

@@ -13,8 +13,11 @@ import time
 from collections import deque
 
 from flask import json
+from werkzeug.exceptions import RequestTimeout
 
 log = logging.getLogger(__name__)
+# Bodies read as the app asks for them, not before: NDJSON imports (up to MAX_IMPORT_BYTES).
+STREAMED_BODIES = ("application/x-ndjson",)
 # A body gets this long before its rate counts, and is read this often when it trickles.
 BODY_GRACE_SECONDS = 2.0
 READS_PER_SECOND = 10
@@ -67,7 +70,10 @@ class Deadlines:
         self.stream_slots = Slots(STREAM_SLOTS)
 
     def __call__(self, environ, start_response):
-        if _expects_body(environ):
+        streamed = environ.get("CONTENT_TYPE", "").split(";")[0].strip() in STREAMED_BODIES
+        if streamed:
+            environ["wsgi.input"] = PacedInput(environ, self.config)
+        elif _expects_body(environ):
             body = self._read_body(environ)
             if body is None:
                 return self._too_slow(start_response)
@@ -93,27 +99,12 @@ class Deadlines:
             if int(length) > self.config.max_body_bytes:
                 return b""  # refused with 413 unread
             limit = int(length)
-        stream, chunks, received = environ["wsgi.input"], [], 0
-        started, size = time.monotonic(), 1
-        while received < limit:
-            # granian's read(n) waits for n bytes: ask for what a tenth of a second brings.
-            chunk = stream.read(min(size, limit - received))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            received += len(chunk)
-            elapsed = time.monotonic() - started
-            allowed = BODY_GRACE_SECONDS + received / (self.config.min_body_rate or float("inf"))
-            if elapsed > self.config.body_timeout or elapsed > allowed:
-                log.warning("cut off %s %s: %d body bytes in %.1f s (MIN_BODY_RATE %d, "
-                            "BODY_TIMEOUT %s s)", environ.get("REQUEST_METHOD"),
-                            environ.get("PATH_INFO"), received, elapsed,
-                            self.config.min_body_rate, self.config.body_timeout)
-                return None
-            # At most double what came so far: a first burst says little of the rate.
-            rate = received / elapsed if elapsed > 0 else LARGEST_READ
-            size = max(1, min(LARGEST_READ, int(rate / READS_PER_SECOND), 2 * received))
-        return b"".join(chunks)
+        body = PacedInput(environ, self.config, total_timeout=True)
+        try:
+            return body.read(limit)
+        except RequestTimeout:
+            return None
+
 
     def _too_slow(self, start_response):
         body = json.dumps({"message": "the request body came too slowly; send it faster"})
@@ -147,3 +138,52 @@ class Deadlines:
         finally:
             with self.slots:
                 getattr(result, "close", lambda: None)()
+
+
+class PacedInput:
+    """A request body read in pieces sized to its pace, cut off (408) when it comes too slowly.
+
+    granian's read(n) waits for n bytes, and no one can interrupt it: each piece asks for what a
+    tenth of a second brings, so that the rate is checked often. A body read ahead of the app
+    keeps BODY_TIMEOUT too; one the app reads as it goes (an import) only MIN_BODY_RATE.
+    """
+
+    def __init__(self, environ, config, total_timeout: bool = False):
+        self.environ = environ
+        self.stream = environ["wsgi.input"]
+        self.config = config
+        self.timeout = config.body_timeout if total_timeout else float("inf")
+        self.started = time.monotonic()
+        self.received = 0
+        self.size = 1
+
+    def read(self, size: int = -1) -> bytes:
+        """Return up to size bytes (all when size < 0), fewer only at the body's end."""
+        chunks, wanted = [], size if size >= 0 else float("inf")
+        got = 0
+        while got < wanted:
+            chunk = self.stream.read(int(min(self.size, wanted - got)))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+            self._check(len(chunk))
+        return b"".join(chunks)
+
+    def _check(self, count: int) -> None:
+        self.received += count
+        elapsed = time.monotonic() - self.started
+        allowed = BODY_GRACE_SECONDS + self.received / (self.config.min_body_rate or float("inf"))
+        if elapsed > self.timeout or elapsed > allowed:
+            log.warning("cut off %s %s: %d body bytes in %.1f s (MIN_BODY_RATE %d, "
+                        "BODY_TIMEOUT %s s)", self.environ.get("REQUEST_METHOD"),
+                        self.environ.get("PATH_INFO"), self.received, elapsed,
+                        self.config.min_body_rate, self.config.body_timeout)
+            raise RequestTimeout("the request body came too slowly; send it faster")
+        # At most double what came so far: a first burst says little of the rate.
+        rate = self.received / elapsed if elapsed > 0 else LARGEST_READ
+        self.size = max(1, min(LARGEST_READ, int(rate / READS_PER_SECOND), 2 * self.received))
+
+    def readline(self, size: int = -1) -> bytes:
+        """Not used by the service (its import reads blocks); refused rather than unbounded."""
+        raise NotImplementedError("read the body in blocks")

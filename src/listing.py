@@ -14,6 +14,7 @@ from array import array
 from redis.exceptions import AskError, ClusterError
 from redis.exceptions import TimeoutError as NoAnswer
 
+import projection
 from database import primary_of
 from storage import (
     KEY_PREFIX,
@@ -93,16 +94,20 @@ def _slot_layout(redis) -> list:
     raise failure or ClusterError("no node of the cluster is known, or every one is down")
 
 
-def fetch(redis, node, keys, batch) -> list:
-    """Read whole customers from one node in one round trip, skipping keys gone or retyped."""
+def fetch(redis, node, keys, batch, asked: tuple = ()) -> list:
+    """Read customers (whole, or the fields asked) from one node in one round trip, skipping
+    keys gone or retyped."""
     if not keys:
         return []
-    replies, _ = batch(node, keys).receive()
-    return customers_of(redis, keys, replies)
+    replies, _ = batch(node, keys, (), asked).receive()
+    return customers_of(redis, keys, replies, asked)
 
 
-def customers_of(redis, keys: list, replies: list) -> list:
-    """Turn HGETALL replies into customers, skipping keys gone or retyped."""
+def customers_of(redis, keys: list, replies: list, asked: tuple = ()) -> list:
+    """Turn HGETALL (or, for the fields asked, HMGET) replies into customers, skipping keys
+    gone or retyped."""
+    if asked:
+        return projection.customers_of(redis, keys, replies, asked)
     start = len(KEY_PREFIX)
     if all(type(raw) is list for raw in replies):
         # The usual batch: every reply a hash (RESP2's flat list) or empty (a key gone).
@@ -167,13 +172,15 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode((text + "=" * (-len(text) % 4)).encode("ascii"))
 
 
-def page(store: CustomerStore, limit: int, token: str | None, key: bytes):
-    """Return at most limit customers from where token left off, and the token of the rest."""
+def page(store: CustomerStore, limit: int, token: str | None, key: bytes, asked: tuple = ()):
+    """Return at most limit customers from where token left off, and the token of the rest;
+    with asked (projection.arguments), only those fields."""
     position = decode_cursor(token, key) if token else None
-    return store.retrying(_page, store.redis, store.batch, limit, position, key)
+    return store.retrying(_page, store.redis, store.batch, limit, position, key, asked)
 
 
-def _page(redis, batch, limit: int, position: list | None, key: bytes) -> tuple[list, str | None]:
+def _page(redis, batch, limit: int, position: list | None, key: bytes,
+          asked: tuple = ()) -> tuple[list, str | None]:
     """Walk SCAN steps from position until limit customers are taken; see docs/listing.md.
 
     A SCAN step is never run twice: the keys of a step beyond the page travel in the next
@@ -199,7 +206,7 @@ def _page(redis, batch, limit: int, position: list | None, key: bytes) -> tuple[
             index, cursor, pending = before
             break
         taken.update(keys)
-        customers += fetch(redis, node, keys, batch)
+        customers += fetch(redis, node, keys, batch, asked)
         if pending or len(taken) == limit or index == len(nodes):
             break
         before, node = (index, cursor, []), nodes[index]
@@ -245,8 +252,9 @@ class SeenKeys:
             self.recent.clear()
 
 
-def walk(store: CustomerStore):
-    """Yield every customer once, in batches; after an outage, walk again past those sent."""
+def walk(store: CustomerStore, asked: tuple = ()):
+    """Yield every customer once, in batches; after an outage, walk again past those sent.
+    With asked (projection.arguments), only those fields of each."""
     seen = SeenKeys()
     sent = False
     deadline = None
@@ -254,8 +262,8 @@ def walk(store: CustomerStore):
     try:
         while True:
             try:
-                for customers in _batches(store.redis, store.batch, topology(store.redis)[1],
-                                              seen):
+                nodes = topology(store.redis)[1]
+                for customers in _batches(store.redis, store.batch, nodes, seen, asked):
                     sent = True
                     yield customers
                 return
@@ -279,7 +287,7 @@ def walk(store: CustomerStore):
             outages.done_waiting()
 
 
-def _batches(redis, batch_class, nodes: list, seen: SeenKeys):
+def _batches(redis, batch_class, nodes: list, seen: SeenKeys, asked: tuple = ()):
     """Yield the customers of every node not in seen, a batch at a time, adding their keys to seen.
 
     A node's next batch goes out before this batch's customers are decoded, and a node's first
@@ -304,10 +312,10 @@ def _batches(redis, batch_class, nodes: list, seen: SeenKeys):
                 cursor, found = int(scanned[0]), scanned[1]
                 fresh = addressable(seen.unseen(found, besides=keys))
                 step = scan_arguments(cursor, SCAN_COUNT) if cursor else ()
-                batch = batch_class(nodes[at], fresh, step)
+                batch = batch_class(nodes[at], fresh, step, asked)
                 if not cursor and at + 1 < len(nodes):
                     following = batch_class(nodes[at + 1], [], scan_arguments(0, SCAN_COUNT))
-            customers = customers_of(redis, keys, replies)
+            customers = customers_of(redis, keys, replies, asked)
             # Only keys whose customers are in hand count as sent.
             seen.update(keys)
             if batch:

@@ -12,15 +12,23 @@ def tagged(customer: dict, read: bool = True) -> Response:
     body = canonical(customer)
     etag = fingerprint(body)
     headers = {"ETag": f'"{etag}"'}
+    if read and (unchanged := read_condition(customer["id"], etag)):
+        unchanged.headers.update(headers)
+        return unchanged
+    return Response(body + b"\n", mimetype="application/json", headers=headers)
+
+
+def read_condition(customer_id: str, etag: str) -> Response | None:
+    """Stop with 412 when If-Match does not name etag; return 304 when If-None-Match does."""
     # If-Match compares strongly (RFC 9110 13.1.1).
-    if read and request.if_match and not request.if_match.contains(etag):
-        errors.fail(412, f"customer {customer['id']} is not in the version If-Match names")
+    if request.if_match and not request.if_match.contains(etag):
+        errors.fail(412, f"customer {customer_id} is not in the version If-Match names")
     # If-None-Match compares weakly (RFC 9110 13.1.2).
-    if read and request.if_none_match.contains_weak(etag):
-        response = Response(status=304, headers=headers)
+    if request.if_none_match.contains_weak(etag):
+        response = Response(status=304)
         del response.headers["Content-Type"]
         return response
-    return Response(body + b"\n", mimetype="application/json", headers=headers)
+    return None
 
 
 def write_condition():

@@ -20,14 +20,15 @@ import iam_auth
 import idempotency
 import listing
 import preconditions
+import projection
 import representation
 import request_log
+import transfer
 import validation
 from database import connect, waiting_threads
 from embedded import SERVICE_USER, EmbeddedError, EmbeddedRedis, find_redis_server
 from settings import Config, ConfigError, load_config
 from storage import (
-    UNAVAILABLE,
     CustomerStore,
     NotACustomer,
     NothingLeft,
@@ -36,7 +37,6 @@ from storage import (
 )
 
 log = logging.getLogger("customers")
-STREAM_CHUNK_BYTES = 64 * 1024
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 
@@ -77,6 +77,19 @@ def page_arguments() -> tuple[int, str | None] | None:
     return int(limit), cursor
 
 
+def fields_asked() -> tuple:
+    """Return what HMGET asks for ?fields= (comma-separated, or repeated), or () when the
+    whole customer is wanted."""
+    if "fields" not in request.args:
+        return ()
+    try:
+        names = projection.parse(",".join(request.args.getlist("fields")),
+                                 current_app.config["MAX_FIELDS"])
+    except projection.BadFields as error:
+        errors.fail(400, str(error))
+    return projection.arguments(names)
+
+
 def json_response(item, status: int = 200, headers: dict | None = None) -> Response:
     """Answer with item as JSON, encoded by orjson."""
     body = representation.dumps(item) + b"\n"
@@ -94,39 +107,12 @@ def members(items: list) -> bytes:
 
 def stream_json_array(batches) -> Response:
     """Answer with a JSON array of the items of each batch, written as the batches arrive."""
-    batches = (batch for batch in batches if batch)
-    # Sent chunk by chunk, each made in one of the worker's slots (see deadlines.py).
-    request.environ["customers.streamed"] = True
-    # Reading the first batch before answering turns an outage at the start into a 503.
-    first = next(batches, None)
+    def encode(batch, first):
+        return (b"[" if first else b",") + members(batch)
 
-    def chunks():
-        if first is None:
-            yield b"[]\n"
-            return
-        # The first batch goes out at once: the status line is sent, and the client starts.
-        yield b"[" + members(first)
-        buffer, size, count = [], 0, len(first)
-        try:
-            for batch in batches:
-                text = b"," + members(batch)
-                buffer.append(text)
-                size += len(text)
-                count += len(batch)
-                if size >= STREAM_CHUNK_BYTES:
-                    yield b"".join(buffer)
-                    buffer, size = [], 0
-        except UNAVAILABLE as error:
-            # Too late for a 503: end the body with the array unclosed, which no JSON parser
-            # takes for a whole list, rather than pass for complete.
-            log.warning("list cut short after %d customers: %s: %s", count,
-                        type(error).__name__, error)
-            yield b"".join(buffer)
-            return
-        buffer.append(b"]\n")
-        yield b"".join(buffer)
-
-    return Response(chunks(), mimetype="application/json")
+    # Cut short, the array stays unclosed: no JSON parser takes it for a whole list.
+    chunks = transfer.streamed(batches, encode, b"]\n", b"")
+    return Response(chunks or [b"[]\n"], mimetype="application/json")
 
 
 def stale(customer_id: str):
@@ -192,25 +178,35 @@ class Customers(Resource):
         self.creates = creates
 
     def get(self):
-        """List every customer, streamed, or one page of them when limit or cursor is given."""
+        """List every customer, streamed, or one page of them when limit or cursor is given;
+        as JSON, or as NDJSON when Accept asks for it."""
+        asked, ndjson = fields_asked(), transfer.wanted()
         paging = page_arguments()
         if paging is None:
-            return stream_json_array(listing.walk(self.store))
+            batches = listing.walk(self.store, asked)
+            return transfer.stream(batches) if ndjson else stream_json_array(batches)
         limit, cursor = paging
         try:
-            customers, following = listing.page(self.store, limit, cursor, self.cursor_key)
+            customers, following = listing.page(self.store, limit, cursor, self.cursor_key,
+                                                asked)
         except listing.BadCursor as error:
             errors.fail(400, f"{error}: use the one from a Link header of this service")
         except listing.StaleCursor as error:
             errors.fail(410, f"{error}: start again without a cursor")
         headers = {}
         if following:
-            url = url_for("customers", limit=limit, cursor=following)
+            kept = {"fields": ",".join(request.args.getlist("fields"))} if asked else {}
+            url = url_for("customers", limit=limit, cursor=following, **kept)
             headers["Link"] = f'<{url}>; rel="next"'
+        if ndjson:
+            return Response(transfer.lines_of(customers), 200, headers, mimetype=transfer.NDJSON)
         return json_response(customers, 200, headers)
 
     def post(self):
-        """Create a customer under a new id, once per Idempotency-Key if one is sent."""
+        """Create a customer under a new id (once per Idempotency-Key if one is sent), or import
+        NDJSON lines (see transfer.py)."""
+        if request.mimetype == transfer.NDJSON:
+            return transfer.import_customers(self.store)
         key = request.headers.get(idempotency.HEADER)
         if key is not None:
             return idempotent_post(self.creates, key)
@@ -232,14 +228,26 @@ class Customers_ID(Resource):  # noqa: N801 - the name of the original design
         self.store = store
 
     def get(self, customer_id):
-        """Return one customer with its ETag, or 304 when If-None-Match names it."""
+        """Return one customer with its ETag, or 304 when If-None-Match names it; with
+        ?fields=, only those fields and no ETag."""
         validation.check_id(customer_id)
+        asked = fields_asked()
+        # Conditions name versions of the whole customer: with them, it is read whole.
+        projected = asked and not (request.if_match or request.if_none_match)
         try:
-            customer = self.store.get(customer_id)
+            if projected:
+                customer = projection.read(self.store, customer_id, asked)
+            else:
+                customer = self.store.get(customer_id)
         except NotACustomer:
             not_a_customer(customer_id)
         if customer is None:
             errors.fail(404, f"customer {customer_id} does not exist")
+        if projected:
+            return json_response(customer)
+        if asked:
+            unchanged = preconditions.read_condition(customer_id, representation.version(customer))
+            return unchanged or json_response(projection.picked(customer, asked))
         return preconditions.tagged(customer)
 
     def put(self, customer_id):
@@ -314,6 +322,7 @@ def create_app(config: Config, redis_client) -> Flask:
     app = SyncFlask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     app.config["MAX_FIELDS"] = config.max_fields
+    app.config["MAX_IMPORT_BYTES"] = config.max_import_bytes
     errors.register(app)
     request_log.install(app)
     guard = access.install(app, config.api_tokens)

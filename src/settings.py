@@ -58,6 +58,7 @@ class Config:
     min_body_rate: int = 4096
     body_timeout: float = 30.0
     idempotency_ttl_seconds: int = 86400
+    max_import_bytes: int = 2**30
 
     @property
     def embedded(self) -> bool:
@@ -249,4 +250,5 @@ def load_config(env=None) -> Config:
         body_timeout=_number(env, "BODY_TIMEOUT", Config.body_timeout),
         idempotency_ttl_seconds=_integer(env, "IDEMPOTENCY_TTL_SECONDS",
                                          Config.idempotency_ttl_seconds, 60, 365 * 86400),
+        max_import_bytes=_integer(env, "MAX_IMPORT_BYTES", Config.max_import_bytes, 1, 2**40),
     )
