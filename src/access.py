@@ -24,22 +24,30 @@ def _refuse(message: str, error: str | None = None):
     raise Unauthorized(description=message, www_authenticate=challenge)
 
 
-def require_tokens(app, tokens) -> None:
-    """Make every request outside OPEN_PATHS send Authorization: Bearer with one of the tokens."""
-    if not tokens:
-        return
+def require_tokens(app, tokens, path_tokens=None) -> None:
+    """Make every request outside OPEN_PATHS send Authorization: Bearer with one of the tokens.
+
+    path_tokens maps a path to more tokens that open that path alone (METRICS_TOKEN, /metrics).
+    """
     digests = [_digest(token.encode()) for token in tokens]
+    by_path = {path: digests + [_digest(token.encode()) for token in more]
+               for path, more in (path_tokens or {}).items() if more}
+    if not digests and not by_path:
+        return
 
     @app.before_request
     def check_token():
         if request.path in OPEN_PATHS:
+            return
+        accepted = by_path.get(request.path, digests)
+        if not accepted:  # only a path's own tokens are set: the other paths stay open
             return
         sent = request.authorization
         if sent is None or sent.type != "bearer" or not sent.token:
             _refuse('send "Authorization: Bearer <token>"')
         given = _digest(sent.token.encode("utf-8", "surrogateescape"))
         matched = False
-        for digest in digests:  # every token, always: the time taken tells nothing
+        for digest in accepted:  # every token, always: the time taken tells nothing
             matched |= hmac.compare_digest(given, digest)
         if not matched:
             _refuse("the bearer token is not valid", "invalid_token")

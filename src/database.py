@@ -36,6 +36,8 @@ from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
 from redis.retry import Retry
 
+import metrics
+
 log = logging.getLogger(__name__)
 
 # Errors that a failover, a resharding or a restart cause and that go away by themselves.
@@ -131,6 +133,15 @@ def _relearn(redis, error: BaseException) -> None:
         redis.refresh()
 
 
+def _counted(function, *args, **kwargs):
+    """Return function(*args, **kwargs), counting its database error if it fails."""
+    try:
+        return function(*args, **kwargs)
+    except rx.RedisError as error:
+        metrics.database_error(error)
+        raise
+
+
 class Retrying:
     """Call a function again while the database is briefly unavailable, for at most `seconds`.
 
@@ -157,6 +168,8 @@ class Retrying:
             # The first attempt skips tenacity's bookkeeping (about 20 us a call): most succeed.
             result = function(*args, **kwargs)
         except Exception as error:
+            if isinstance(error, rx.RedisError):
+                metrics.database_error(error)
             if not is_transient(error) or self.down.is_set():
                 self._went_down(error)
                 raise
@@ -172,12 +185,13 @@ class Retrying:
         if remaining <= 0:
             self._went_down(error)
             raise error
+        metrics.operation_retried()
         _relearn(self._redis, error)
         time.sleep(FIRST_BACKOFF_SECONDS * (1 + random.random()))
         policy = self._policy.copy(
             stop=tenacity.stop_before_delay(remaining) | tenacity.stop_when_event_set(self.down))
         try:
-            return policy(function, *args, **kwargs)
+            return policy(_counted, function, *args, **kwargs)
         except Exception as error:
             self._went_down(error)
             raise

@@ -12,6 +12,7 @@ from array import array
 
 from redis.exceptions import AskError, ClusterError
 
+import metrics
 from bulk import Batch
 from storage import KEY_PREFIX, UNAVAILABLE, CustomerStore, decode, decode_all
 
@@ -216,6 +217,7 @@ def walk(store: CustomerStore):
                 yield customers
             return
         except UNAVAILABLE as error:
+            metrics.database_error(error)
             # Before the first customer the caller can still answer 503; after it, resume.
             if not sent:
                 raise
@@ -225,6 +227,7 @@ def walk(store: CustomerStore):
             if time.monotonic() > deadline:
                 raise
             log.warning("listing interrupted (%s); walking again past what was sent", error)
+            metrics.operation_retried()
             time.sleep(RESUME_PAUSE_SECONDS)
 
 

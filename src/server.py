@@ -12,9 +12,11 @@ from flask_restful import Api, Resource
 
 import access
 import api_contract
+import docs_page
 import errors
 import health
 import listing
+import metrics
 import preconditions
 import request_log
 import validation
@@ -216,7 +218,9 @@ def create_app(config: Config, redis_client) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     errors.register(app)
     request_log.install(app)
-    access.require_tokens(app, config.api_tokens)
+    access.require_tokens(app, config.api_tokens, {"/metrics": config.metrics_tokens})
+    if config.metrics:
+        metrics.install(app)
     store = CustomerStore(redis_client, config.db_retry_seconds, config.db_wait_replicas,
                           wait_timeout=config.db_timeout / 2)
     health.register(app, redis_client)
@@ -226,6 +230,7 @@ def create_app(config: Config, redis_client) -> Flask:
     api.add_resource(Customers_ID, "/customers/<customer_id>", endpoint="customer",
                      resource_class_kwargs=resources)
     api_contract.install(app)
+    docs_page.install(app)
     return app
 
 
@@ -238,11 +243,13 @@ def database(config: Config):
     embedded = EmbeddedRedis(config.data_dir, find_redis_server(config.redis_server),
                              config.embedded_port)
     host, port = embedded.start()
+    metrics.set_embedded_up(True)
     try:
         yield dataclasses.replace(config, db_host=host, db_port=port, db_tls=False,
                                   db_username=None, db_password=None, db_wait_replicas=0)
     finally:
         embedded.stop()
+        metrics.set_embedded_up(False)
 
 
 def main() -> int:
@@ -258,7 +265,7 @@ def main() -> int:
     import serving
 
     try:
-        with database(config) as db_config:
+        with metrics.shared_directory(config.metrics), database(config) as db_config:
             pool = serving.pool_size(config)
             serving.serve(lambda: create_app(db_config, connect(db_config, pool)), config)
     except EmbeddedError as error:

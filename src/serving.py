@@ -23,7 +23,7 @@ CONNECTIONS_PER_WORKER = 512
 REQUEST_NAMES = frozenset({"CONTENT_TYPE", "CONTENT_LENGTH", "REQUEST_METHOD", "SCRIPT_NAME",
                            "PATH_INFO", "QUERY_STRING", "REMOTE_ADDR", "REMOTE_PORT",
                            "SERVER_NAME", "SERVER_PORT", "SERVER_PROTOCOL"})
-SECRET_NAMES = frozenset({"DBPASSWORD", "DB_PASSWORD", "API_TOKENS"})
+SECRET_NAMES = frozenset({"DBPASSWORD", "DB_PASSWORD", "API_TOKENS", "METRICS_TOKEN"})
 
 
 def scrub_environment(environ=os.environ) -> None:

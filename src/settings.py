@@ -41,6 +41,9 @@ class Config:
     log_level: str = "INFO"
     log_format: str = "text"
     api_tokens: tuple[str, ...] = field(default=(), repr=False)
+    metrics: bool = True
+    # Tokens that open GET /metrics only (API tokens open it too), for a scraper.
+    metrics_tokens: tuple[str, ...] = field(default=(), repr=False)
 
     @property
     def embedded(self) -> bool:
@@ -165,4 +168,8 @@ def load_config(env=None) -> Config:
         log_level=log_level,
         log_format=log_format,
         api_tokens=_tokens(env),
+        metrics=_flag(env, "METRICS", Config.metrics),
+        metrics_tokens=_check_tokens([token.strip() for token in
+                                      (_get(env, "METRICS_TOKEN") or "").split(",")
+                                      if token.strip()], "METRICS_TOKEN"),
     )
