@@ -31,9 +31,10 @@ reliability: $(INSTALLED) ## Run the fault tests and print a table per fault
 		tests/test_faults.py tests/test_embedded_faults.py; \
 		status=$$?; echo; cat $(VENV)/reliability.md; exit $$status
 
-bench: $(INSTALLED) ## Benchmark against the original's design (about 5 minutes; installs wrk)
+bench: $(INSTALLED) ## Benchmark against the original's design, then metrics' cost (about 7 minutes; installs wrk)
 	command -v wrk >/dev/null || apt-get install -y wrk || (apt-get update && apt-get install -y wrk)
 	$(BIN)/python benchmarks/bench.py
+	$(BIN)/python benchmarks/metrics_overhead.py
 
 fuzz: $(INSTALLED) ## Fuzz a running service longer: make fuzz [URL=...] [TOKEN=...] [EXAMPLES=500]
 	$(BIN)/schemathesis --config-file tests/schemathesis.toml run src/openapi.json \

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from flask import Response, g, request
+from flask import Response, request
 
 log = logging.getLogger(__name__)
 DIRECTORY = "PROMETHEUS_MULTIPROC_DIR"
@@ -28,6 +28,7 @@ BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.
 # Any other method a client sends is counted as "other": labels must stay few.
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 UNMATCHED = "unmatched"
+STARTED = "customers.metrics.started"
 
 
 class Metrics:
@@ -70,15 +71,20 @@ class Metrics:
             "(always 0 with DBHOST set).", multiprocess_mode="livemax", registry=registry)
         self._children = {}
 
-    def start_request(self) -> None:
-        """Note when the request arrived."""
-        g.metrics_started = time.perf_counter()
+    def timed(self, wsgi_app):
+        """Wrap the app's WSGI callable to note when each request arrives."""
+        def timed_app(environ, start_response):
+            environ[STARTED] = time.perf_counter()
+            return wsgi_app(environ, start_response)
+        return timed_app
 
     def count(self, response: Response) -> Response:
         """Count a request's answer and observe its duration."""
-        rule = request.url_rule
+        # One look through Flask's request proxy, not one for each attribute: it is per request.
+        current = request._get_current_object()
+        rule = current.url_rule
         route = rule.rule if rule is not None else UNMATCHED
-        method = request.method if request.method in METHODS else "other"
+        method = current.method if current.method in METHODS else "other"
         status = response.status_code
         key = (method, route, status)
         # Labelled children are kept: finding them again by labels costs more than counting.
@@ -88,7 +94,7 @@ class Metrics:
                                               self.duration.labels(method, route))
         counter, histogram = children
         counter.inc()
-        started = g.get("metrics_started")
+        started = current.environ.get(STARTED)
         if started is not None:
             histogram.observe(time.perf_counter() - started)
         if status == 503:
@@ -145,7 +151,7 @@ def shared_directory(enabled: bool = True):
     """In the main process, before the workers start: let every process count into one place.
 
     PROMETHEUS_MULTIPROC_DIR, when set, is emptied of earlier runs' files; else a fresh
-    temporary directory is used and removed at the end.
+    temporary directory is used (in /dev/shm when there is one) and removed at the end.
     """
     if not enabled:
         yield
@@ -159,7 +165,10 @@ def shared_directory(enabled: bool = True):
             stale.unlink()
         directory = given
     else:
-        directory = os.environ[DIRECTORY] = tempfile.mkdtemp(prefix="customers-metrics-")
+        # In memory where there is a tmpfs: the files are written at every request.
+        memory = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        directory = os.environ[DIRECTORY] = tempfile.mkdtemp(prefix="customers-metrics-",
+                                                             dir=memory)
     start()
     log.info("metrics of every worker kept in %s", directory)
     try:
@@ -175,8 +184,8 @@ def install(app) -> None:
     if metrics.directory:
         # A new worker may have the pid of a dead one: its live gauges must start from zero.
         metrics.multiprocess.mark_process_dead(os.getpid(), metrics.directory)
-    # First of the request hooks, so that the time a refused token takes counts too.
-    app.before_request_funcs.setdefault(None, []).insert(0, metrics.start_request)
+    # Timed from the WSGI call, so that Flask's own work and a refused token count too.
+    app.wsgi_app = metrics.timed(app.wsgi_app)
     app.after_request(metrics.count)
     app.add_url_rule("/metrics", "metrics", metrics.scrape)
 

@@ -69,4 +69,7 @@ def serve(factory, config) -> None:
         workers_kill_timeout=20,
         log_level=config.log_level.lower(),
         log_dictconfig=request_log.granian_settings(config.log_level, config.log_format),
+        metrics_enabled=bool(config.granian_metrics_port),
+        metrics_address=config.host,
+        metrics_port=config.granian_metrics_port or 9090,
     ).serve(target_loader=lambda _target: _worker_app(factory, parent))

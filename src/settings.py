@@ -44,6 +44,8 @@ class Config:
     metrics: bool = True
     # Tokens that open GET /metrics only (API tokens open it too), for a scraper.
     metrics_tokens: tuple[str, ...] = field(default=(), repr=False)
+    # granian's own Prometheus exporter (workers, connections, threads), on HOST; 0: off.
+    granian_metrics_port: int = 0
 
     @property
     def embedded(self) -> bool:
@@ -172,4 +174,6 @@ def load_config(env=None) -> Config:
         metrics_tokens=_check_tokens([token.strip() for token in
                                       (_get(env, "METRICS_TOKEN") or "").split(",")
                                       if token.strip()], "METRICS_TOKEN"),
+        granian_metrics_port=_integer(env, "GRANIAN_METRICS_PORT", Config.granian_metrics_port,
+                                      0, 65535),
     )

@@ -13,6 +13,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 from redis.cluster import RedisCluster
 
+from embedded import free_port
 from http_client import call
 from service_process import ServiceProcess
 
@@ -60,8 +61,10 @@ def service(redis_cluster, tmp_path_factory):
     directory = tmp_path_factory.mktemp("metrics")
     (directory / "counter_1.db").write_bytes(b"left by an earlier run")
     env = {**redis_cluster.service_env(), "WORKERS": "2", "THREADS": "4",
-           "LOG_LEVEL": "WARNING", "PROMETHEUS_MULTIPROC_DIR": str(directory)}
+           "LOG_LEVEL": "WARNING", "PROMETHEUS_MULTIPROC_DIR": str(directory),
+           "GRANIAN_METRICS_PORT": str(free_port())}
     with ServiceProcess(env) as running:
+        running.granian_metrics = f"http://127.0.0.1:{env['GRANIAN_METRICS_PORT']}"
         assert call(running.url + "/customers/metered", "PUT", {"name": "Ada"})[0] == 204
         running.directory = directory
         yield running
@@ -138,3 +141,5 @@ def kill_a_worker_mid_list(service) -> None:
     assert scraped[("customers_streamed_lists_in_progress", ())] == 0
     get_customer(service.url, 40)
     assert customer_gets(scrape(service.url)) == gets + 40
+    # granian's own exporter counts the replacement.
+    assert scrape(service.granian_metrics)[("granian_workers_respawns_for_err_total", ())] == 1
