@@ -22,6 +22,7 @@ def test_the_page_and_every_asset_it_names_are_served_from_the_service(client):
     assert response.content_type.startswith("text/html")
     page = response.get_data(as_text=True)
     assert '"url": "/openapi.json"' in page
+    assert "http" not in page  # no CDN, no other host
     urls = assets(page)
     assert {"/docs/swagger-ui-bundle.js", "/docs/swagger-ui.css"} <= set(urls)
     for url in urls:
@@ -30,7 +31,6 @@ def test_the_page_and_every_asset_it_names_are_served_from_the_service(client):
         assert asset.status_code == 200, url
         assert len(asset.get_data()) > 0
         asset.close()
-    assert client.get("/docs/").get_data(as_text=True) == page
 
 
 def test_the_browser_may_load_nothing_from_elsewhere(client):
@@ -51,7 +51,7 @@ def test_a_missing_or_escaping_asset_is_a_json_404(client):
 
 def test_the_docs_need_a_token_when_openapi_json_does(redis_client):
     client = create_app(Config(api_tokens=(TOKEN,)), redis_client).test_client()
-    for path in ("/openapi.json", "/docs", "/docs/", "/docs/swagger-ui-bundle.js"):
+    for path in ("/openapi.json", "/docs", "/docs/swagger-ui-bundle.js"):
         assert client.get(path).status_code == 401, path
         response = client.get(path, headers={"Authorization": f"Bearer {TOKEN}"})
         assert response.status_code == 200, path
