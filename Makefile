@@ -22,7 +22,7 @@ test: $(INSTALLED) ## Run every test, the real-cluster ones included
 
 cluster: $(INSTALLED) ## Run a MemoryDB-shaped local cluster (TLS, ACL users, replicas) until Ctrl-C
 	bash .ci/install-redis >/dev/null
-	$(BIN)/python tests/local_cluster.py
+	PYTHONPATH=src $(BIN)/python tests/local_cluster.py
 
 reliability: $(INSTALLED) ## Run the fault tests and print a table per fault
 	bash .ci/install-redis >/dev/null
@@ -36,8 +36,10 @@ bench: $(INSTALLED) ## Benchmark against the original's design, then metrics' co
 	$(BIN)/python benchmarks/bench.py
 	$(BIN)/python benchmarks/metrics_overhead.py
 
-fuzz: $(INSTALLED) ## Fuzz a running service longer: make fuzz [URL=...] [TOKEN=...] [EXAMPLES=500]
-	$(BIN)/schemathesis --config-file tests/schemathesis.toml run src/openapi.json \
+fuzz: $(INSTALLED) ## Fuzz a running service against the document it serves: make fuzz [URL=...] [TOKEN=...] [EXAMPLES=500]
+	$(BIN)/python -c 'import sys, urllib.request as u; sys.stdout.buffer.write(u.urlopen(u.Request(sys.argv[1] + "/openapi.json", headers={"Authorization": "Bearer " + sys.argv[2]} if sys.argv[2] else {}), timeout=10).read())' \
+		$(or $(URL),http://127.0.0.1:8080) "$(TOKEN)" > $(VENV)/served-openapi.json
+	$(BIN)/schemathesis --config-file tests/schemathesis.toml run $(VENV)/served-openapi.json \
 		--url $(or $(URL),http://127.0.0.1:8080) --max-examples $(or $(EXAMPLES),500) \
 		$(if $(TOKEN),--header "Authorization: Bearer $(TOKEN)")
 

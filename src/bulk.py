@@ -1,14 +1,44 @@
-"""Read many hashes from one Redis node in one round trip, beneath redis-py's pipelines.
+"""Read many hashes from one Redis node in one round trip.
 
-A redis-py pipeline costs several times the parsing of its replies: here the commands are
-packed by hand and written at once on a connection of the node's own pool (so TLS and AUTH
-are done), and the replies taken from its hiredis reader. Only HGETALL and SCAN are sent,
-both within the service's least-privilege ACL. Pinned redis 8.1 is what is tested.
+`Batch` works beneath redis-py's pipelines: a pipeline costs several times the parsing of its
+replies, so the commands are packed by hand and written at once on a connection of the node's
+own pool (TLS and AUTH are done), and the replies taken straight from its hiredis reader. That
+reader is a redis-py internal (`connection._parser._reader`, and its "no reply yet" sentinel):
+`Batch` is used only with the redis-py and hiredis versions it was tested with (FAST_READER),
+and `PipelineBatch`, through redis-py's public pipeline, with any other. Only HGETALL and SCAN
+are sent, both within the service's least-privilege ACL.
 """
 
-from hiredis import PushNotification
+import logging
+from importlib import metadata
+
 from redis import exceptions as rx
-from redis._parsers.hiredis import NOT_ENOUGH_DATA
+
+log = logging.getLogger(__name__)
+# The releases Batch was written and tested for (the pins of requirements.txt).
+FAST_READER = {"redis": "8.1.", "hiredis": "3."}
+
+
+class UnexpectedReply(rx.RedisError):
+    """The reader gave something that is neither a reply nor "no reply yet": never a reply."""
+
+
+def _fast_reader():
+    """Return redis-py's "no reply yet" sentinel with the tested versions, else None."""
+    try:
+        versions = {name: metadata.version(name) for name in FAST_READER}
+        from redis._parsers.hiredis import NOT_ENOUGH_DATA
+    except (metadata.PackageNotFoundError, ImportError):
+        return None
+    if all(versions[name].startswith(prefix) for name, prefix in FAST_READER.items()):
+        return NOT_ENOUGH_DATA
+    log.info("redis %s / hiredis %s are not the versions the fast batch reader was tested "
+             "with (%s): listing reads through redis-py's pipelines", versions["redis"],
+             versions["hiredis"], FAST_READER)
+    return None
+
+
+NOT_ENOUGH_DATA = _fast_reader()
 
 
 class Batch:
@@ -66,6 +96,43 @@ class Batch:
             self.connection = None
 
 
+class PipelineBatch:
+    """What Batch does, through redis-py's public pipeline: sent and read in receive()."""
+
+    def __init__(self, node, keys: list, scan: tuple = ()):
+        self.keys = keys
+        self.scans = bool(scan)
+        self.pipe = node.pipeline(transaction=False)
+        for key in keys:
+            self.pipe.execute_command("HGETALL", key)
+        if scan:
+            self.pipe.execute_command("SCAN", *scan)
+
+    def receive(self) -> tuple[list, list | None]:
+        """Return the replies to HGETALL (error replies as exceptions) and the SCAN step's."""
+        try:
+            replies = self.pipe.execute(raise_on_error=False) if self.pipe else []
+        finally:
+            self.close()
+        scanned = replies.pop() if self.scans else None
+        if isinstance(scanned, Exception):
+            raise scanned
+        return replies, scanned
+
+    def close(self) -> None:
+        """Drop what the batch holds."""
+        if self.pipe is not None:
+            self.pipe.reset()
+            self.pipe = None
+
+
+def batch_class(fast: bool | None = None):
+    """Return Batch with the tested versions (or when fast says so), else PipelineBatch."""
+    if fast is None:
+        fast = NOT_ENOUGH_DATA is not None
+    return Batch if fast else PipelineBatch
+
+
 def _hgetall_each(keys: list) -> bytes:
     """Return HGETALL of each key, packed as Redis reads commands."""
     text = "".join([f"*2\r\n$7\r\nHGETALL\r\n${len(key)}\r\n{key}\r\n" for key in keys])
@@ -73,20 +140,22 @@ def _hgetall_each(keys: list) -> bytes:
     if text.isascii():
         return text.encode()
     return b"".join([b"*2\r\n$7\r\nHGETALL\r\n$%d\r\n%s\r\n" % (len(key), key)
-                     for key in map(str.encode, keys)])
+                     for key in (key.encode("utf-8", "surrogateescape") for key in keys)])
 
 
 def _read(connection, count: int) -> list:
     """Read count replies, error replies as exceptions."""
-    # Replies hiredis already holds are taken straight from its reader (a redis-py internal):
-    # read_response per reply costs as much as the parsing. Reading the socket, push messages
-    # and connection errors stay read_response's.
+    # Replies hiredis already holds are taken straight from its reader: read_response per reply
+    # costs as much as the parsing. Reading the socket, push messages and connection errors
+    # stay read_response's.
+    from hiredis import PushNotification
+
     parser = connection._parser
     reader = getattr(parser, "_reader", None)
     replies = []
     while len(replies) < count:
         reply = reader.gets() if reader is not None else NOT_ENOUGH_DATA
-        if type(reply) is list:
+        if type(reply) is list or isinstance(reply, rx.ResponseError):
             replies.append(reply)
         elif reply is NOT_ENOUGH_DATA:
             try:
@@ -96,5 +165,6 @@ def _read(connection, count: int) -> list:
         elif isinstance(reply, PushNotification):
             parser.handle_push_response(reply)
         else:
-            replies.append(reply)
+            # HGETALL and SCAN answer lists or errors: anything else is a reader that changed.
+            raise UnexpectedReply(f"the hiredis reader gave {type(reply).__name__}: {reply!r:.80}")
     return replies

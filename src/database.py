@@ -1,5 +1,8 @@
 """Build the Redis Cluster client the service talks to, and ride out its brief outages.
 
+The embedded database is no cluster: the service talks to it with a plain client on its unix
+socket, built with the same options (the storage and listing code serve either).
+
 Retries. redis-py's cluster client refreshes its topology after a connection error but
 retries without backoff, so a failover (several seconds) surfaces as errors. `Retrying`
 runs a whole store operation again, with exponential backoff and jitter, until it succeeds
@@ -31,6 +34,7 @@ import threading
 import time
 
 import tenacity
+from redis import Redis
 from redis import exceptions as rx
 from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
@@ -88,14 +92,15 @@ class LazyCluster:
             self._client.close()
 
 
-def connect(config, max_connections=None) -> LazyCluster:
-    """Return a cluster client for the configured database."""
+def connect(config, max_connections=None, credential_provider=None) -> LazyCluster | Redis:
+    """Return a cluster client for the configured database, or a plain one on its unix socket."""
     options = {
-        "host": config.db_host,
-        "port": config.db_port,
         "username": config.db_username,
         "password": config.db_password,
         "decode_responses": True,
+        # Bytes that are not UTF-8 (another program's) read as surrogates instead of failing
+        # the reply; they are never written back (storage.valid_id, representation.dumps).
+        "encoding_errors": "surrogateescape",
         # RESP2: every engine MemoryDB and ElastiCache run speaks it, and hiredis builds its
         # flat lists several times faster than RESP3's maps (listing reads thousands of hashes).
         "protocol": 2,
@@ -106,6 +111,12 @@ def connect(config, max_connections=None) -> LazyCluster:
         # One retry follows a topology change; waiting with backoff is Retrying's job.
         "retry": Retry(NoBackoff(), 1),
     }
+    if config.db_socket:
+        # Connects on first use too, so the service starts (and answers 503) while it is down.
+        return Redis(unix_socket_path=config.db_socket, **options)
+    options.update(host=config.db_host, port=config.db_port)
+    if credential_provider is not None:
+        options.update(username=None, password=None, credential_provider=credential_provider)
     if config.db_tls:
         options["ssl"] = True
         options["ssl_cert_reqs"] = "required"

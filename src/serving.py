@@ -1,20 +1,36 @@
 """Serve the app with granian: HTTP in Rust, the app in Python threads of worker processes."""
 
 import ctypes
+import logging
 import multiprocessing
 import os
+import resource
 import signal
 import sys
 
 from granian.constants import HTTPModes, Interfaces
+from granian.http import HTTP1Settings
 from granian.server import Server
 
 import request_log
+from connection_watch import ConnectionWatch
+from deadlines import Deadlines
 
+log = logging.getLogger(__name__)
 # Connections a worker takes before it leaves new ones in the listen queue. It counts
-# connections, not requests: a kept-alive connection holds its place while it is idle, so
-# it must stay well above the clients' connections (granian's own default: 1024 / workers).
-CONNECTIONS_PER_WORKER = 512
+# connections, not requests: a kept-alive or idle connection holds its place until
+# IDLE_TIMEOUT, so it must stay well above the clients' connections. 512 (granian's default
+# with 2 workers) let 1,025 idle connections lock every other client out.
+CONNECTIONS_PER_WORKER = 4096
+# Open files a worker keeps besides its clients' connections (Redis, logs, the runtime).
+SPARE_FILES = 256
+# hyper's read and write buffers of a connection (granian's default: 417 KB). What a slow
+# reader leaves unread waits there, in the kernel (connection_watch.SEND_BUFFER_BYTES) and in
+# granian's queue of four chunks; every byte of it was made for nothing if the client is cut.
+HTTP_BUFFER_BYTES = 64 * 1024
+# Threads a worker may have waiting on slow clients (a body arriving, a response being
+# read) besides its THREADS slots: a waiting thread holds no slot and no Redis connection.
+WAITING_THREADS = 256
 
 
 # granian gives each request the process environment besides the request's own keys (PEP 3333
@@ -23,7 +39,8 @@ CONNECTIONS_PER_WORKER = 512
 REQUEST_NAMES = frozenset({"CONTENT_TYPE", "CONTENT_LENGTH", "REQUEST_METHOD", "SCRIPT_NAME",
                            "PATH_INFO", "QUERY_STRING", "REMOTE_ADDR", "REMOTE_PORT",
                            "SERVER_NAME", "SERVER_PORT", "SERVER_PROTOCOL"})
-SECRET_NAMES = frozenset({"DBPASSWORD", "DB_PASSWORD", "API_TOKENS", "METRICS_TOKEN"})
+SECRET_NAMES = frozenset({"DBPASSWORD", "DB_PASSWORD", "API_TOKENS", "AWS_SECRET_ACCESS_KEY",
+                          "AWS_SESSION_TOKEN", "METRICS_TOKEN"})
 
 
 def scrub_environment(environ=os.environ) -> None:
@@ -38,7 +55,19 @@ def pool_size(config) -> int:
     return config.threads + 4
 
 
-def _worker_app(factory, parent: int):
+def connections_per_worker() -> int:
+    """Raise the open-files limit as far as allowed; return the connections a worker takes."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = CONNECTIONS_PER_WORKER + SPARE_FILES
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        soft = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    if soft == resource.RLIM_INFINITY:
+        return CONNECTIONS_PER_WORKER
+    return max(64, min(CONNECTIONS_PER_WORKER, soft - SPARE_FILES))
+
+
+def _worker_app(factory, parent: int, config):
     """Build the app in a worker, which is sent SIGTERM when the main process dies (kill -9)."""
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1 is PR_SET_PDEATHSIG
@@ -46,11 +75,17 @@ def _worker_app(factory, parent: int):
         sys.exit(1)
     app = factory()
     scrub_environment()
-    return app
+    ConnectionWatch(config.port, config.idle_timeout, config.min_send_rate).start()
+    return Deadlines(app, config)
 
 
 def serve(factory, config) -> None:
     """Serve the app built by factory until SIGTERM or SIGINT, then drain and return."""
+    if config.idle_timeout <= config.db_retry_seconds + config.db_timeout:
+        # A request waiting on the database moves no byte on its connection.
+        log.warning("IDLE_TIMEOUT (%s s) is not above DBRETRYSECONDS + DBTIMEOUT (%s s): a "
+                    "request waiting that long on the database is cut off as idle",
+                    config.idle_timeout, config.db_retry_seconds + config.db_timeout)
     # The workers are forked so that each builds its own app and connections from factory,
     # which need not be picklable (Python 3.14 would otherwise start them another way).
     multiprocessing.set_start_method("fork", force=True)
@@ -63,8 +98,12 @@ def serve(factory, config) -> None:
         http=HTTPModes.http1,
         websockets=False,
         workers=config.workers,
-        blocking_threads=config.threads,
-        backpressure=CONNECTIONS_PER_WORKER,
+        blocking_threads=config.threads + WAITING_THREADS,
+        backpressure=connections_per_worker(),
+        # Headers not complete within IDLE_TIMEOUT: the connection is closed (granian's own).
+        # A connection's buffers, headers included, at most HTTP_BUFFER_BYTES (see above).
+        http1_settings=HTTP1Settings(header_read_timeout=int(config.idle_timeout * 1000),
+                                     max_buffer_size=HTTP_BUFFER_BYTES),
         respawn_failed_workers=True,
         workers_kill_timeout=20,
         log_level=config.log_level.lower(),
@@ -72,4 +111,4 @@ def serve(factory, config) -> None:
         metrics_enabled=bool(config.granian_metrics_port),
         metrics_address=config.host,
         metrics_port=config.granian_metrics_port or 9090,
-    ).serve(target_loader=lambda _target: _worker_app(factory, parent))
+    ).serve(target_loader=lambda _target: _worker_app(factory, parent, config))

@@ -1,5 +1,6 @@
 """Read the service's configuration from the environment, once."""
 
+import ipaddress
 import os
 import re
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ class Config:
     db_host: str | None = None
     db_port: int = 6379
     db_username: str | None = None
-    db_password: str | None = None
+    db_password: str | None = field(default=None, repr=False)
     db_tls: bool = False
     db_ca_cert: str | None = None
     db_timeout: float = 2.0
@@ -41,6 +42,21 @@ class Config:
     log_level: str = "INFO"
     log_format: str = "text"
     api_tokens: tuple[str, ...] = field(default=(), repr=False)
+    max_fields: int = 1000
+    auth: str = "tokens"
+    db_auth: str = "password"
+    db_cluster: str | None = None
+    aws_region: str | None = None
+    # A unix socket to reach a standalone database on instead of DBHOST (the embedded one's).
+    db_socket: str | None = None
+    # Slow and idle clients (docs/slow-clients.md): seconds a connection may move no byte,
+    # bytes a second a client must read while a response waits for it, seconds a whole
+    # response may take to send, and the same two for a request body.
+    idle_timeout: float = 20.0
+    min_send_rate: int = 4096
+    send_timeout: float = 300.0
+    min_body_rate: int = 4096
+    body_timeout: float = 30.0
     metrics: bool = True
     # Tokens that open GET /metrics only (API tokens open it too), for a scraper.
     metrics_tokens: tuple[str, ...] = field(default=(), repr=False)
@@ -115,8 +131,13 @@ def _check_tokens(tokens: list, source: str) -> tuple[str, ...]:
 
 def _tokens(env) -> tuple[str, ...]:
     """Read API_TOKENS (comma-separated) and the file named by API_TOKENS_FILE (one a line)."""
-    listed = [token.strip() for token in (_get(env, "API_TOKENS") or "").split(",")]
-    tokens = _check_tokens([token for token in listed if token], "API_TOKENS")
+    raw = env.get("API_TOKENS", "")
+    listed = [token.strip() for token in raw.split(",") if token.strip()]
+    if raw and not listed:
+        # Left as it is, a stray comma or space would turn authentication off.
+        raise ConfigError("API_TOKENS is set but holds no token: give one or more tokens "
+                          "separated by commas, or leave it empty")
+    tokens = _check_tokens(listed, "API_TOKENS")
     path = _get(env, "API_TOKENS_FILE")
     if path is None:
         return tokens
@@ -130,6 +151,56 @@ def _tokens(env) -> tuple[str, ...]:
     if not in_file:
         raise ConfigError(f"API_TOKENS_FILE holds no token: {path}")
     return tokens + _check_tokens(in_file, "API_TOKENS_FILE")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a listening address is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _auth(env, host: str, tokens: tuple[str, ...]) -> str:
+    """Read AUTH and check it against the tokens and the address the service listens on."""
+    auth = (_get(env, "AUTH") or Config.auth).lower()
+    if auth not in ("tokens", "none"):
+        raise ConfigError(f"AUTH must be tokens or none, got {auth!r}")
+    if auth == "none" and tokens:
+        raise ConfigError("AUTH=none serves without tokens, yet API_TOKENS or API_TOKENS_FILE "
+                          "holds some: remove one or the other")
+    if auth == "tokens" and not tokens and not is_loopback(host):
+        raise ConfigError(f"HOST={host} is reachable from other machines but no API token is "
+                          "set: add API_TOKENS=<token>[,<token>...] or API_TOKENS_FILE=<file> "
+                          "(a token: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+                          "), or set AUTH=none to serve without tokens where only trusted "
+                          "clients can connect")
+    return auth
+
+
+def _iam(env, db_host) -> dict:
+    """Read DBAUTH and, when it is iam, the cluster and region the tokens are signed for."""
+    auth = (_get(env, "DBAUTH", "DB_AUTH") or Config.db_auth).lower()
+    if auth not in ("password", "iam"):
+        raise ConfigError(f"DBAUTH must be password or iam, got {auth!r}")
+    if auth == "password":
+        return {}
+    settings = {"db_auth": auth, "db_cluster": _get(env, "DBCLUSTER", "DB_CLUSTER"),
+                "aws_region": _get(env, "AWS_REGION", "AWS_DEFAULT_REGION")}
+    missing = [name for name, value in (("DBHOST", db_host),
+                                        ("DBUSERNAME", _get(env, "DBUSERNAME", "DB_USERNAME")),
+                                        ("DBCLUSTER", settings["db_cluster"]),
+                                        ("AWS_REGION", settings["aws_region"])) if not value]
+    if missing:
+        raise ConfigError(f"DBAUTH=iam needs {', '.join(missing)} set")
+    if _get(env, "DBPASSWORD", "DB_PASSWORD"):
+        raise ConfigError("DBAUTH=iam signs its own tokens: leave DBPASSWORD empty")
+    if not _flag(env, "DBTLS", True):
+        raise ConfigError("DBAUTH=iam needs DBTLS on: the token must not cross the network "
+                          "in clear text")
+    return settings
 
 
 def load_config(env=None) -> Config:
@@ -148,8 +219,10 @@ def load_config(env=None) -> Config:
     log_format = (_get(env, "LOG_FORMAT") or Config.log_format).lower()
     if log_format not in ("text", "json"):
         raise ConfigError(f"LOG_FORMAT must be text or json, got {log_format!r}")
+    host = _get(env, "HOST") or Config.host
+    tokens = _tokens(env)
     return Config(
-        host=_get(env, "HOST") or Config.host,
+        host=host,
         port=_integer(env, "PORT", Config.port, 1, 65535),
         workers=_integer(env, "WORKERS", Config().workers, 1, 64),
         threads=_integer(env, "THREADS", Config.threads, 1, 256),
@@ -169,7 +242,15 @@ def load_config(env=None) -> Config:
         redis_server=redis_server,
         log_level=log_level,
         log_format=log_format,
-        api_tokens=_tokens(env),
+        api_tokens=tokens,
+        auth=_auth(env, host, tokens),
+        max_fields=_integer(env, "MAX_FIELDS", Config.max_fields, 1, 100_000),
+        **_iam(env, db_host),
+        idle_timeout=_number(env, "IDLE_TIMEOUT", Config.idle_timeout),
+        min_send_rate=_integer(env, "MIN_SEND_RATE", Config.min_send_rate, 0, 2**31),
+        send_timeout=_number(env, "SEND_TIMEOUT", Config.send_timeout),
+        min_body_rate=_integer(env, "MIN_BODY_RATE", Config.min_body_rate, 0, 2**31),
+        body_timeout=_number(env, "BODY_TIMEOUT", Config.body_timeout),
         metrics=_flag(env, "METRICS", Config.metrics),
         metrics_tokens=_check_tokens([token.strip() for token in
                                       (_get(env, "METRICS_TOKEN") or "").split(",")

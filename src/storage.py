@@ -1,17 +1,23 @@
 """Keep customers in Redis: one hash per customer, typed values kept as plain text."""
 
 import hashlib
-import json
+import logging
+import re
 import uuid
 
-import orjson
 from redis import exceptions as rx
 
+from bulk import batch_class
 from database import ReplicasBehind, Retrying, on_primary, primary_of, retried, write_and_wait
 
+log = logging.getLogger(__name__)
 KEY_PREFIX = "customer:"
 # A field "_type:<name>" records the JSON type of a non-string field <name>.
 TYPE_PREFIX = "_type:"
+MAX_ID_LENGTH = 1024
+# What no URL can carry back to the same key: control characters, and the surrogates that
+# stand for stored bytes that are not UTF-8 (the client decodes with surrogateescape).
+UNADDRESSABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 # A conditional write re-reads and retries when another writer changed the key meanwhile.
 WATCH_ATTEMPTS = 50
 
@@ -39,24 +45,64 @@ UNAVAILABLE = (
 )
 
 
-# HSET then HDEL on one key as one atomic step, in one round trip (a MULTI/EXEC pipeline
-# measured twice as slow). ARGV: the number of fields to set, their name/value pairs, then
-# the fields to delete; unpack() takes at most a few thousand values at a time.
+# One atomic step on one key, in one round trip (a MULTI/EXEC pipeline measured twice as
+# slow): refuse a key that is not a hash, and a merge that would leave more than ARGV[1]
+# fields (markers not counted) unless it shrinks the customer; then HSET and HDEL. ARGV[2]
+# is the number of fields to set, then come their name/value pairs, then the fields to
+# delete; unpack() takes at most a few thousand values at a time. Returns 1 when the merge
+# created the customer.
 MERGE_SCRIPT = """
-local set_end = tonumber(ARGV[1]) * 2 + 1
-for first = 2, set_end, 1000 do
-  redis.call('HSET', KEYS[1], unpack(ARGV, first, math.min(first + 999, set_end)))
+local key = KEYS[1]
+local kind = redis.call('TYPE', key)['ok']
+if kind ~= 'hash' and kind ~= 'none' then
+  return redis.error_reply('WRONGTYPE the key holds a ' .. kind .. ', not a hash')
+end
+local most = tonumber(ARGV[1])
+local set_end = tonumber(ARGV[2]) * 2 + 2
+if redis.call('HLEN', key) + tonumber(ARGV[2]) > most then
+  local names, before, after = {}, 0, 0
+  for _, name in ipairs(redis.call('HKEYS', key)) do
+    names[name] = true
+    if string.sub(name, 1, 6) ~= '_type:' then before = before + 1 end
+  end
+  for at = 3, set_end, 2 do names[ARGV[at]] = true end
+  for at = set_end + 1, #ARGV do names[ARGV[at]] = nil end
+  for name in pairs(names) do
+    if string.sub(name, 1, 6) ~= '_type:' then after = after + 1 end
+  end
+  if after > most and after > before then
+    return redis.error_reply('TOOMANYFIELDS ' .. after)
+  end
+end
+for first = 3, set_end, 1000 do
+  redis.call('HSET', key, unpack(ARGV, first, math.min(first + 999, set_end)))
 end
 for first = set_end + 1, #ARGV, 1000 do
-  redis.call('HDEL', KEYS[1], unpack(ARGV, first, math.min(first + 999, #ARGV)))
+  redis.call('HDEL', key, unpack(ARGV, first, math.min(first + 999, #ARGV)))
 end
-return 1
+if kind == 'none' and set_end > 2 then return 1 end
+return 0
 """
-MERGE_SHA = hashlib.sha1(MERGE_SCRIPT.encode()).hexdigest()
+# DEL of a customer, never of another program's key of another type.
+DELETE_SCRIPT = """
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind == 'none' then return 0 end
+if kind ~= 'hash' then
+  return redis.error_reply('WRONGTYPE the key holds a ' .. kind .. ', not a hash')
+end
+return redis.call('DEL', KEYS[1])
+"""
+SCRIPTS = {hashlib.sha1(script.encode()).hexdigest(): script
+           for script in (MERGE_SCRIPT, DELETE_SCRIPT)}
+MERGE_SHA, DELETE_SHA = SCRIPTS
 
 
 class NotACustomer(Exception):
     """The key of a customer holds something other than a hash."""
+
+
+class TooManyFields(Exception):
+    """A write would leave a customer with more fields than the limit."""
 
 
 class PreconditionFailed(Exception):
@@ -74,6 +120,32 @@ class Contended(rx.TryAgainError):
 def customer_key(customer_id: str) -> str:
     """Return the Redis key of a customer."""
     return KEY_PREFIX + customer_id
+
+
+def valid_id(customer_id: str) -> bool:
+    """Tell whether an id can name a customer in a URL: 1 to 1024 characters of text, no
+    control characters, not . or .. (which clients resolve away)."""
+    return (0 < len(customer_id) <= MAX_ID_LENGTH and customer_id not in (".", "..")
+            and not UNADDRESSABLE.search(customer_id))
+
+
+def addressable(keys: list) -> list:
+    """Return the customer keys whose ids are valid, logging the others (kept in the database)."""
+    start = len(KEY_PREFIX)
+    # The usual batch passes checks that run in C, with no Python call per key.
+    if (not keys or not UNADDRESSABLE.search("".join(keys))
+            and start < min(map(len, keys)) and max(map(len, keys)) <= start + MAX_ID_LENGTH
+            and KEY_PREFIX + "." not in keys and KEY_PREFIX + ".." not in keys):
+        return keys
+    kept = [key for key in keys if valid_id(key[start:])]
+    for key in set(keys).difference(kept):
+        log.warning("key %a has an id no URL can name: left out of the list", key)
+    return kept
+
+
+def is_wrongtype(error: Exception) -> bool:
+    """Tell whether a Redis error reply says the key holds another type than the command's."""
+    return isinstance(error, rx.ResponseError) and str(error).startswith("WRONGTYPE")
 
 
 def encode(fields: dict) -> tuple[dict, list]:
@@ -122,23 +194,32 @@ def decode(customer_id: str, raw) -> dict:
 
 
 # Customers mostly share a few shapes (the same field names in the same order): a shape seen
-# twice gets a decoder of its own, written once. Bounded, as shapes may not be: in number, and
-# in size (a written decoder costs memory in proportion to its names).
+# twice gets a decoder of its own, written once. Bounded in bytes, as shapes may not be: a
+# shape of more names or characters than below is always decoded name by name, and the cache
+# is emptied when its names reach MAX_CACHED_CHARACTERS (about 4 MB with their objects).
 _DECODERS: dict = {}
-MAX_SHAPES = 1024
+_cached_characters = 0
 MAX_WRITTEN_NAMES = 128
+MAX_SHAPE_CHARACTERS = 4096
+MAX_CACHED_CHARACTERS = 256 * 1024
 
 
 def decoder(raw: list):
     """Return a function(customer_id, raw) that decodes flat hashes with raw's names in order."""
+    global _cached_characters
     names = tuple(raw[::2])
     function = _DECODERS.get(names)
-    if function is _by_name and len(names) <= MAX_WRITTEN_NAMES:
+    if function is _by_name:
         function = _DECODERS[names] = _written(names)
     elif function is None:
-        if len(_DECODERS) >= MAX_SHAPES:
-            _DECODERS.clear()
-        function = _DECODERS[names] = _by_name
+        function = _by_name
+        characters = sum(map(len, names))
+        if len(names) <= MAX_WRITTEN_NAMES and characters <= MAX_SHAPE_CHARACTERS:
+            if _cached_characters + characters > MAX_CACHED_CHARACTERS:
+                _DECODERS.clear()
+                _cached_characters = 0
+            _DECODERS[names] = _by_name
+            _cached_characters += characters
     return function
 
 
@@ -185,29 +266,6 @@ def _written(names: tuple):
     return eval(f"lambda customer_id, raw: {{{', '.join(items)}}}", scope)
 
 
-def dumps(item) -> bytes:
-    """Encode as compact JSON: orjson's speed, json's range (integers beyond 64 bits)."""
-    try:
-        return orjson.dumps(item)
-    except orjson.JSONEncodeError:
-        return json.dumps(item, separators=(",", ":")).encode()
-
-
-def canonical(customer: dict) -> bytes:
-    """Return a customer as JSON, id first, other fields sorted: equal content, equal bytes."""
-    return dumps({"id": customer["id"], **dict(sorted(customer.items()))})
-
-
-def fingerprint(text: bytes) -> str:
-    """Return the version of a customer from its canonical JSON."""
-    return hashlib.blake2b(text, digest_size=16).hexdigest()
-
-
-def version(customer: dict) -> str:
-    """Return a fingerprint of a customer's content: equal content, equal version."""
-    return fingerprint(canonical(customer))
-
-
 def flat(pairs: dict) -> list:
     """Return name, value, name, value...: the arguments HSET takes."""
     return [part for pair in pairs.items() for part in pair]
@@ -233,25 +291,33 @@ class CustomerStore:
     """Read and write customers in a Redis or Redis Cluster client."""
 
     def __init__(self, redis, retry_seconds: float = 0.0, wait_replicas: int = 0,
-                 wait_timeout: float = 1.0):
+                 wait_timeout: float = 1.0, max_fields: int = 1000, fast_reader=None):
         self.redis = redis
+        # How listing reads batches of hashes (see bulk.py): None picks by redis-py's version.
+        self.batch = batch_class(fast_reader)
         self.retry_seconds = retry_seconds
         self.retrying = Retrying(redis, retry_seconds)
         self.wait_replicas = wait_replicas
         self.wait_timeout = wait_timeout
+        self.max_fields = max_fields
 
-    def _write(self, key: str, commands: list) -> None:
-        """Apply write commands on one key atomically, then WAIT for replicas if configured."""
-        if self.wait_replicas:
-            write_and_wait(self.redis, key, commands, self.wait_replicas, self.wait_timeout)
-        elif len(commands) == 1:
-            self.redis.execute_command(*commands[0])
-        else:
-            # One key, one slot: a MULTI/EXEC applies all or none.
-            pipe = self.redis.pipeline(transaction=True)
-            for command in commands:
-                pipe.execute_command(*command)
-            pipe.execute()
+    def _script(self, customer_id: str, sha: str, *args):
+        """Run one of SCRIPTS on a customer's key, then WAIT for replicas if configured."""
+        key = customer_key(customer_id)
+        command = ("EVALSHA", sha, 1, key, *args)
+        for attempt in range(2):
+            try:
+                if self.wait_replicas:
+                    return write_and_wait(self.redis, key, [command], self.wait_replicas,
+                                          self.wait_timeout)[0]
+                return on_primary(self.redis, key, *command)
+            except rx.NoScriptError:
+                # A node that restarted or was added has no scripts yet.
+                if attempt:
+                    raise
+                primary_of(self.redis, key).script_load(SCRIPTS[sha])
+            except rx.ResponseError as error:
+                raise _refusal(customer_id, error) from None
 
     @retried
     def get(self, customer_id: str) -> dict | None:
@@ -260,9 +326,7 @@ class CustomerStore:
         try:
             raw = on_primary(self.redis, key, "HGETALL", key)
         except rx.ResponseError as error:
-            if str(error).startswith("WRONGTYPE"):
-                return None
-            raise
+            raise _refusal(customer_id, error) from None
         return decode(customer_id, raw) if raw else None
 
     def create(self, fields: dict) -> dict:
@@ -285,25 +349,15 @@ class CustomerStore:
         on_primary(self.redis, key, "HSET", key, *flat(to_set))
 
     @retried
-    def merge(self, customer_id: str, fields: dict) -> None:
-        """Set the given fields of a customer, removing those given as None."""
-        key = customer_key(customer_id)
-        try:
-            if self.wait_replicas:
-                self._write(key, merge_commands(key, fields))
-            else:
-                to_set, to_delete = encode(fields)
-                command = ("EVALSHA", MERGE_SHA, 1, key, len(to_set), *flat(to_set), *to_delete)
-                try:
-                    on_primary(self.redis, key, *command)
-                except rx.NoScriptError:
-                    # A node that restarted or was added has no scripts yet.
-                    primary_of(self.redis, key).script_load(MERGE_SCRIPT)
-                    on_primary(self.redis, key, *command)
-        except rx.ResponseError as error:
-            if "WRONGTYPE" in str(error):
-                raise NotACustomer(customer_id) from None
-            raise
+    def merge(self, customer_id: str, fields: dict) -> bool:
+        """Set the given fields of a customer, removing those given as None; True if created.
+
+        A retry after a lost reply answers False for a customer its first attempt created.
+        """
+        to_set, to_delete = encode(fields)
+        created = self._script(customer_id, MERGE_SHA, self.max_fields, len(to_set),
+                               *flat(to_set), *to_delete)
+        return created == 1
 
     def _checked_write(self, customer_id: str, plan) -> dict | None:
         """Apply plan(customer as read, or None)'s commands only if nobody wrote in between.
@@ -318,9 +372,7 @@ class CustomerStore:
                 try:
                     raw = pipe.hgetall(key)
                 except rx.ResponseError as error:
-                    if "WRONGTYPE" not in str(error):
-                        raise
-                    raw = {}
+                    raise _refusal(customer_id, error) from None
                 current = decode(customer_id, raw) if raw else None
                 commands = plan(current)
                 if not commands:
@@ -332,8 +384,8 @@ class CustomerStore:
                 if replies is None:
                     continue  # another writer changed the customer after WATCH: read again
                 for reply in replies:
-                    if isinstance(reply, rx.ResponseError) and "WRONGTYPE" in str(reply):
-                        raise NotACustomer(customer_id)
+                    if isinstance(reply, rx.ResponseError):
+                        raise _refusal(customer_id, reply)
                     if isinstance(reply, Exception):
                         raise reply
                 if self.wait_replicas:
@@ -345,15 +397,25 @@ class CustomerStore:
                 return current
         raise Contended(f"customer {customer_id} kept changing during {WATCH_ATTEMPTS} attempts")
 
-    @retried
-    def merge_if(self, customer_id: str, fields: dict, condition) -> None:
-        """Merge fields into a customer in one atomic step if condition(version or None) holds."""
-        def plan(current):
-            if not condition(version(current) if current else None):
-                raise PreconditionFailed(customer_id)
-            return merge_commands(customer_key(customer_id), fields)
+    def _merged(self, customer_id: str, current: dict | None, fields: dict) -> list:
+        """Return the commands merging fields into current, unless it would hold too many."""
+        before = current or {"id": customer_id}
+        after = len(patched(before, fields)) - 1
+        if after > self.max_fields and after > len(before) - 1:
+            raise TooManyFields(after)
+        return merge_commands(customer_key(customer_id), fields)
 
-        self._checked_write(customer_id, plan)
+    @retried
+    def merge_if(self, customer_id: str, fields: dict, condition) -> bool:
+        """Merge fields into a customer in one atomic step if condition(customer or None) holds;
+        True if that created it."""
+        def plan(current):
+            if not condition(current):
+                raise PreconditionFailed(customer_id)
+            return self._merged(customer_id, current, fields)
+
+        created = self._checked_write(customer_id, plan) is None
+        return created and any(value is not None for value in fields.values())
 
     @retried
     def patch(self, customer_id: str, fields: dict, condition=None) -> dict | None:
@@ -361,20 +423,20 @@ class CustomerStore:
         def plan(current):
             if current is None:
                 return []
-            if condition and not condition(version(current)):
+            if condition and not condition(current):
                 raise PreconditionFailed(customer_id)
             if not any(name != "id" for name in patched(current, fields)):
                 raise NothingLeft(customer_id)
-            return merge_commands(customer_key(customer_id), fields)
+            return self._merged(customer_id, current, fields)
 
         current = self._checked_write(customer_id, plan)
         return None if current is None else patched(current, fields)
 
     @retried
     def delete_if(self, customer_id: str, condition) -> None:
-        """Remove a customer in one atomic step if condition(current version or None) holds."""
+        """Remove a customer in one atomic step if condition(customer or None) holds."""
         def plan(current):
-            if not condition(version(current) if current else None):
+            if not condition(current):
                 raise PreconditionFailed(customer_id)
             return [("DEL", customer_key(customer_id))]
 
@@ -383,5 +445,13 @@ class CustomerStore:
     @retried
     def delete(self, customer_id: str) -> None:
         """Remove a customer; removing one that does not exist is not an error."""
-        key = customer_key(customer_id)
-        self._write(key, [("DEL", key)])
+        self._script(customer_id, DELETE_SHA)
+
+
+def _refusal(customer_id: str, error: rx.ResponseError) -> Exception:
+    """Return the domain error a Redis error reply about a customer's key stands for."""
+    if is_wrongtype(error):
+        return NotACustomer(customer_id)
+    if str(error).startswith("TOOMANYFIELDS"):
+        return TooManyFields(int(str(error).split()[1]))
+    return error

@@ -2,23 +2,34 @@
 
 import json
 import math
-import re
+import sys
 
 import orjson
-from flask import request
+from flask import current_app, request
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from errors import fail
-from storage import TYPE_PREFIX
+from storage import MAX_ID_LENGTH, TYPE_PREFIX, valid_id
 
-ID_PATTERN = re.compile(r"[A-Za-z0-9._~-]{1,128}")
 MAX_FIELD_NAME = 256
 MERGE_PATCH = "application/merge-patch+json"
+# The most digits of an integer within a float's range (about 1.8e308).
+MAX_INTEGER_DIGITS = 309
+
+
+class OutOfRange(ValueError):
+    """A JSON number beyond what a 64-bit float holds."""
+
+
+class DuplicateName(ValueError):
+    """A JSON object naming one member twice."""
 
 
 def check_id(customer_id: str) -> None:
-    """Stop with 400 unless the id is 1 to 128 letters, digits or -_.~ characters."""
-    if not ID_PATTERN.fullmatch(customer_id):
-        fail(400, "a customer id is 1 to 128 letters, digits or the characters - _ . ~")
+    """Stop with 400 unless the id is one a URL can name (see storage.valid_id)."""
+    if not valid_id(customer_id):
+        fail(400, f"a customer id is 1 to {MAX_ID_LENGTH} characters, with no control "
+                  "characters, and not . or ..")
 
 
 def _no_constants(name):
@@ -28,8 +39,37 @@ def _no_constants(name):
 def _finite(text):
     number = float(text)
     if not math.isfinite(number):
-        raise ValueError(f"{text} is too large for a JSON number")
+        raise OutOfRange(text)
     return number
+
+
+def _integer(text):
+    if len(text.lstrip("-")) > MAX_INTEGER_DIGITS or abs(number := int(text)) > sys.float_info.max:
+        raise OutOfRange(text)
+    return number
+
+
+def _unique(pairs):
+    body = dict(pairs)
+    if len(body) < len(pairs):
+        seen = set()
+        for name, _ in pairs:
+            if name in seen:
+                raise DuplicateName(name)
+            seen.add(name)
+    return body
+
+
+def read_body() -> bytes:
+    """Return the request body, or stop with 413 when it is over the limit, chunked or not."""
+    body = request.get_data(cache=False)
+    limit = request.max_content_length
+    # Without Content-Length (a chunked body), werkzeug stops reading at the limit without a
+    # word: one byte more behind it means the body was over the limit.
+    if (request.content_length is None and limit is not None and len(body) >= limit
+            and request.environ["wsgi.input"].read(1)):
+        fail(413, RequestEntityTooLarge.description)
+    return body
 
 
 def read_json_object() -> dict:
@@ -37,8 +77,14 @@ def read_json_object() -> dict:
     if not request.is_json:
         fail(415, "send a JSON object with Content-Type: application/json")
     try:
-        body = json.loads(request.get_data(cache=False), parse_constant=_no_constants,
-                          parse_float=_finite)
+        body = json.loads(read_body(), parse_constant=_no_constants, parse_float=_finite,
+                          parse_int=_integer, object_pairs_hook=_unique)
+    except OutOfRange as error:
+        number = str(error)
+        shown = number if len(number) <= 40 else f"{number[:20]}... ({len(number)} characters)"
+        fail(400, f"the number {shown} is outside the range of a 64-bit float (about 1.8e308)")
+    except DuplicateName as error:
+        fail(400, f"the body names member {json.dumps(str(error))} more than once")
     except (ValueError, RecursionError):
         fail(400, "the body is not valid JSON")
     if not isinstance(body, dict):
@@ -78,13 +124,20 @@ def read_fields(customer_id: str | None = None) -> dict:
 def read_merge_patch(customer_id: str) -> dict:
     """Return the fields of a JSON merge patch (RFC 7396) on a flat customer, or stop with a 4xx."""
     if request.mimetype != MERGE_PATCH:
-        fail(415, f"send a JSON merge patch with Content-Type: {MERGE_PATCH}")
+        fail(415, f"send a JSON merge patch with Content-Type: {MERGE_PATCH}",
+             {"Accept-Patch": MERGE_PATCH})
     body = read_json_object()
     _check_id_field(body, customer_id)
     return _checked_fields(body)
 
 
 def _checked_fields(body: dict) -> dict:
+    most = current_app.config["MAX_FIELDS"]
+    setting = sum(value is not None for value in body.values())
+    # Removing every field while setting as many is the most a body can mean.
+    if setting > most or len(body) > 2 * most:
+        fail(400, f"a customer holds at most MAX_FIELDS={most} fields; the body sets {setting} "
+                  f"and names {len(body)}")
     for name, value in body.items():
         if not name:
             fail(400, "a field name must not be empty")

@@ -60,7 +60,7 @@ def memorydb_cluster(tmp_path_factory, tls_redis_server_binary):
 def redis_client(request):
     """An empty database: fakeredis, then the real cluster, for every test that uses it."""
     if request.param == "fakeredis":
-        yield fakeredis.FakeRedis(decode_responses=True)
+        yield fakeredis.FakeRedis(decode_responses=True, encoding_errors="surrogateescape")
         return
     cluster = request.getfixturevalue("redis_cluster")
     cluster.flush()

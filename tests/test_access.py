@@ -47,9 +47,9 @@ def test_a_wrong_token_is_401_invalid_token_and_stores_nothing(guarded, stored_k
 
 
 def test_every_configured_token_opens_every_route(guarded):
-    for token in TOKENS:
+    for number, token in enumerate(TOKENS):
         assert guarded.put("/customers/1", json={"name": "Joe"},
-                           headers=bearer(token)).status_code == 204
+                           headers=bearer(token)).status_code == (204 if number else 201)
         assert guarded.get("/customers/1", headers=bearer(token)).get_json() == {
             "id": "1", "name": "Joe"}
         assert guarded.get("/openapi.json", headers=bearer(token)).status_code == 200
@@ -79,7 +79,7 @@ def test_tokens_come_from_api_tokens_and_the_tokens_file(tmp_path):
     config = load_config({"API_TOKENS": f" {TOKENS[0]} ,{TOKENS[1]},",
                           "API_TOKENS_FILE": str(path)})
     assert config.api_tokens == (*TOKENS, "file-token-0123456789", "other-file-token-0123")
-    assert "token" not in repr(config)
+    assert not any(token in repr(config) for token in config.api_tokens)
     assert load_config({}).api_tokens == ()
 
 
@@ -120,10 +120,10 @@ def test_a_tokens_file_that_is_not_text_is_a_config_error(tmp_path):
     ("localhost", (), False),
     ("::1", (), False),
 ])
-def test_listening_beyond_loopback_without_tokens_warns_at_start(caplog, host, tokens, warns):
+def test_auth_none_beyond_loopback_warns_at_start(caplog, host, tokens, warns):
     caplog.set_level(logging.WARNING)
-    warn_if_open(Config(host=host, api_tokens=tokens))
-    assert ("without API_TOKENS" in caplog.text) == warns
+    warn_if_open(Config(host=host, api_tokens=tokens, auth="tokens" if tokens else "none"))
+    assert ("AUTH=none: listening on" in caplog.text) == warns
 
 
 def test_a_base64_token_with_padding_works(redis_client):

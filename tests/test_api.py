@@ -39,9 +39,13 @@ def test_hashes_written_by_other_clients_read_back_as_strings(client, redis_clie
     assert client.get("/customers/7").get_json() == {"id": "7", "name": "Kim", "balance": "12"}
 
 
-def test_put_creates_a_customer_that_does_not_exist(client):
-    assert client.put("/customers/1", json=JOE).status_code == 204
+def test_put_creates_a_customer_that_does_not_exist_with_201_and_its_location(client):
+    response = client.put("/customers/1", json=JOE)
+    assert response.status_code == 201
+    assert response.headers["Location"] == "/customers/1"
+    assert response.data == b"" and "Content-Type" not in response.headers
     assert client.get("/customers/1").get_json() == {"id": "1", **JOE}
+    assert client.put("/customers/1", json=JOE).status_code == 204
 
 
 def test_put_merges_the_given_fields_and_keeps_the_others(client):
@@ -67,7 +71,7 @@ def test_put_of_a_string_over_a_number_stores_a_string(client, redis_client):
 
 
 def test_put_may_repeat_the_id_of_the_path(client):
-    assert client.put("/customers/1", json={"id": 1, "name": "Joe"}).status_code == 204
+    assert client.put("/customers/1", json={"id": 1, "name": "Joe"}).status_code == 201
     assert client.put("/customers/1", json={"id": "1", "age": 30}).status_code == 204
     assert client.get("/customers/1").get_json() == {"id": "1", "name": "Joe", "age": 30}
 
@@ -124,13 +128,27 @@ def test_list_skips_keys_under_the_prefix_that_are_not_hashes(client, redis_clie
     assert client.get("/customers").get_json() == [{"id": "1", "name": "Joe"}]
 
 
-def test_a_key_that_is_not_a_hash_is_no_customer_and_is_not_overwritten(client, redis_client):
+MERGE_PATCH = {"Content-Type": "application/merge-patch+json"}
+
+
+@pytest.mark.parametrize(("method", "options"), [
+    ("get", {}), ("put", {"json": {"name": "x"}}), ("patch", {"json": {"name": "x"}}),
+    ("delete", {}), ("put", {"json": {"name": "x"}, "headers": {"If-Match": "*"}}),
+    ("delete", {"headers": {"If-Match": "*"}}),
+])
+def test_every_method_on_another_programs_key_is_409_and_leaves_it(
+        client, redis_client, method, options):
     redis_client.set("customer:counter", "7")
-    assert client.get("/customers/counter").status_code == 404
-    response = client.put("/customers/counter", json={"name": "x"})
-    assert response.status_code == 409
-    assert "not a customer" in response.get_json()["message"]
-    assert redis_client.get("customer:counter") == "7"
+    redis_client.rpush("customer:queue", "x")
+    if method == "patch":
+        options = {**options, "headers": MERGE_PATCH}
+    for key, read in (("counter", redis_client.get), ("queue", redis_client.lrange)):
+        before = read(f"customer:{key}", *(() if key == "counter" else (0, -1)))
+        response = getattr(client, method)(f"/customers/{key}", **options)
+        assert response.status_code == 409
+        assert response.get_json() == {"message": f"the key of customer {key} holds something "
+                                       "that is not a customer (not a hash); it is left as it is"}
+        assert read(f"customer:{key}", *(() if key == "counter" else (0, -1))) == before
 
 
 def test_unknown_urls_and_methods_answer_json(client):
@@ -170,16 +188,17 @@ BAD_REQUESTS = [
     ("put", "/customers/1", JSON, '{"id": true, "a": 1}', 400, "differs"),
     ("put", "/customers/1", JSON, '{"id": "1"}', 400, "at least one field"),
     ("put", "/customers/1", JSON, '{"a": [1]}', 400, "field 'a'"),
-    ("put", "/customers/1", JSON, "{" + '"a": 1, ' * 10 + '"b": {}}', 400, "field 'b'"),
-    ("put", "/customers/a*b", JSON, '{"a": 1}', 400, "customer id"),
-    ("put", "/customers/a:b", JSON, '{"a": 1}', 400, "customer id"),
-    ("put", "/customers/{tag}", JSON, '{"a": 1}', 400, "customer id"),
-    ("put", "/customers/" + "x" * 129, JSON, '{"a": 1}', 400, "customer id"),
-    ("put", "/customers/a%20b", JSON, '{"a": 1}', 400, "customer id"),
-    ("get", "/customers/a*", {}, None, 400, "customer id"),
-    ("delete", "/customers/*", {}, None, 400, "customer id"),
+    ("put", "/customers/1", JSON, "{" + "".join(f'"a{n}": 1, ' for n in range(10)) + '"b": {}}',
+     400, "field 'b'"),
+    ("put", "/customers/" + "x" * 1025, JSON, '{"a": 1}', 400, "1 to 1024 characters"),
+    ("put", "/customers/a%00b", JSON, '{"a": 1}', 400, "no control characters"),
+    ("put", "/customers/a%0Ab", JSON, '{"a": 1}', 404, "not found"),
+    ("put", "/customers/%C2%85", JSON, '{"a": 1}', 400, "no control characters"),
+    ("put", "/customers/%2E%2E", JSON, '{"a": 1}', 400, "not . or .."),
+    ("get", "/customers/a%09", {}, None, 400, "customer id"),
+    ("delete", "/customers/%1B", {}, None, 400, "customer id"),
     ("post", "/customers/1", JSON, '{"a": 1}', 405, "not allowed"),
-    ("get", "/customers/1/extra", {}, None, 404, "not found"),
+    ("get", "/nowhere/1", {}, None, 404, "not found"),
 ]
 
 

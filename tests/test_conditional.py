@@ -77,9 +77,9 @@ def test_patch_of_a_missing_customer_is_404_and_creates_nothing(client, stored_k
     assert stored_keys() == []
 
 
-def test_patch_of_a_key_that_is_not_a_hash_is_404_and_leaves_it(client, redis_client):
+def test_patch_of_a_key_that_is_not_a_hash_is_409_and_leaves_it(client, redis_client):
     redis_client.set("customer:counter", "7")
-    assert patch(client, "/customers/counter", {"name": "x"}).status_code == 404
+    assert patch(client, "/customers/counter", {"name": "x"}).status_code == 409
     assert redis_client.get("customer:counter") == "7"
 
 
@@ -150,7 +150,7 @@ def test_if_match_on_a_missing_customer_is_412_for_put_and_delete(client, stored
 
 def test_put_with_if_none_match_star_creates_only_when_absent(client):
     headers = {"If-None-Match": "*"}
-    assert client.put("/customers/1", json=JOE, headers=headers).status_code == 204
+    assert client.put("/customers/1", json=JOE, headers=headers).status_code == 201
     assert client.put("/customers/1", json={"name": "Ann"}, headers=headers).status_code == 412
     assert client.get("/customers/1").get_json() == {"id": "1", **JOE}
 

@@ -2,11 +2,18 @@
 
 import json
 import re
+import subprocess
 
+import fakeredis
 import pytest
 from openapi_spec_validator import validate
 
 from api_contract import DOCUMENT
+from server import create_app
+from settings import Config
+
+REDOCLY = "@redocly/cli@2.77.0"
+TOKEN = "contract-token-0123456789"
 
 AUTOMATIC_METHODS = {"HEAD", "OPTIONS"}
 
@@ -62,15 +69,47 @@ def test_every_error_answer_in_the_document_has_the_one_error_shape():
                         "$ref": "#/components/schemas/Error"}, (path, method, status)
 
 
-def test_the_document_is_served_at_openapi_json(client):
-    response = client.get("/openapi.json")
+def served(tokens: tuple) -> dict:
+    """Return the document as a service with these API tokens serves it."""
+    app = create_app(Config(api_tokens=tokens), fakeredis.FakeRedis(decode_responses=True))
+    headers = {"Authorization": f"Bearer {TOKEN}"} if tokens else {}
+    response = app.test_client().get("/openapi.json", headers=headers)
     assert response.status_code == 200
     assert response.content_type == "application/json"
-    assert response.get_json() == document()
+    return response.get_json()
+
+
+def test_a_service_with_tokens_serves_the_document_with_bearer_security():
+    assert served((TOKEN,)) == document()
+    assert document()["security"] == [{"bearerToken": []}]
+
+
+def test_a_service_without_tokens_serves_a_document_that_declares_no_security():
+    spec = served(())
+    validate(spec)
+    text = json.dumps(spec)
+    assert spec["security"] == [] and "bearerToken" not in text and '"401"' not in text
+    assert spec["paths"].keys() == document()["paths"].keys()
+
+
+@pytest.mark.parametrize("tokens", [(), (TOKEN,)])
+def test_redocly_lint_finds_no_error_in_the_served_document(tmp_path, tokens):
+    path = tmp_path / "openapi.json"
+    path.write_text(json.dumps(served(tokens)))
+    run = subprocess.run(["npx", "--yes", REDOCLY, "lint", "--format", "json", str(path)],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    report = json.loads(run.stdout)
+    errors = [problem for problem in report["problems"] if problem["severity"] == "error"]
+    assert report["totals"]["errors"] == 0, errors
 
 
 @pytest.mark.parametrize(("body", "words"), [
-    ('{"a": 1e400}', "not valid JSON"),
+    ('{"a": 1e400}', "outside the range of a 64-bit float"),
+    ('{"a": -1e309}', "outside the range of a 64-bit float"),
+    ('{"a": ' + "9" * 5000 + "}", "outside the range of a 64-bit float"),
+    ('{"a": ' + "9" * 310 + "}", "outside the range of a 64-bit float"),
+    ('{"a": 1, "b": 2, "a": 3}', 'member "a" more than once'),
+    ('{"id": "x", "a": 1, "id": "y"}', 'member "id" more than once'),
     ('{"a": "\\ud800"}', "lone surrogate"),
     ('{"\\udfff": 1}', "lone surrogate"),
     ('{"a": null}', "no null values"),

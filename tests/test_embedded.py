@@ -2,15 +2,22 @@
 
 import http.client
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import psutil
 import pytest
+import redis
 
+from embedded import ADMIN_USER, SERVICE_USER, SOCKET, free_port
 from http_client import call
+from local_cluster import free_cluster_port
 from service_process import SERVER, ServiceProcess
 
 pytestmark = pytest.mark.cluster
@@ -21,6 +28,89 @@ def embedded_env(tmp_path) -> dict:
     return {"DATA_DIR": str(tmp_path / "data"), "WORKERS": "1", "DBHOST": "", "DB_HOST": ""}
 
 
+def embedded_client(data_dir: Path, user: str = ADMIN_USER, **options) -> redis.Redis:
+    """Return a client of the embedded database keeping data_dir, as user (password from file)."""
+    password = (data_dir / f"{user}.password").read_text().strip()
+    return redis.Redis(unix_socket_path=str(data_dir / SOCKET), username=user,
+                       password=password, socket_timeout=5, decode_responses=True, **options)
+
+
+def raw_reply(address: Path | int, command: bytes) -> bytes:
+    """Send one inline command to a unix socket or a loopback port, return the reply's line."""
+    if isinstance(address, Path):
+        connection = socket.socket(socket.AF_UNIX)
+        connection.settimeout(10)
+        connection.connect(str(address))
+    else:
+        connection = socket.create_connection(("127.0.0.1", address), timeout=10)
+    with connection:
+        connection.sendall(command + b"\r\n")
+        return connection.makefile("rb").readline()
+
+
+def listening(pid: int) -> set:
+    """Return the TCP addresses a process listens on."""
+    return {(c.laddr.ip, c.laddr.port) for c in psutil.Process(pid).net_connections("inet")
+            if c.status == psutil.CONN_LISTEN}
+
+
+def connect_as_nobody(path: Path) -> str:
+    """Connect to a unix socket from a process of the user nobody; return how it went."""
+    child = os.fork()
+    if child == 0:
+        code = 1
+        try:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            with socket.socket(socket.AF_UNIX) as connection:
+                connection.connect(str(path))
+            code = 0
+        except PermissionError:
+            code = 13
+        finally:
+            os._exit(code)
+    return {0: "connected", 13: "permission denied"}.get(
+        os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]), "failed otherwise")
+
+
+def restart_embedded_database(service: ServiceProcess, data_dir: Path) -> int:
+    """Kill -9 the service's embedded database, wait until it serves again, return its pid."""
+    with embedded_client(data_dir) as client:
+        killed = int(client.info("server")["process_id"])
+    os.kill(killed, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while call(service.url + "/customers/restarted", "PUT", {"n": 1},
+               timeout=30)[0] not in (201, 204):
+        assert time.monotonic() < deadline, "the embedded database did not come back"
+        time.sleep(0.1)
+    with embedded_client(data_dir) as client:
+        started = int(client.info("server")["process_id"])
+    assert started != killed
+    return started
+
+
+@pytest.fixture(scope="module")
+def embedded_service():
+    """One service on its embedded database, started over a data directory an older one left."""
+    # Not in pytest's own folder, which only its user may enter: on the way to the data
+    # directory, that directory's own mode must be what keeps other users out.
+    with tempfile.TemporaryDirectory(prefix="embedded-") as parent:
+        Path(parent).chmod(0o755)
+        data = Path(parent) / "data"
+        data.mkdir(mode=0o755)
+        (data / "appendonlydir").mkdir(mode=0o755)
+        (data / "redis.log").write_text("an older version's log, readable by everyone\n")
+        (data / "redis.log").chmod(0o644)
+        (data / "appendonlydir" / "leftover").write_text("")
+        (data / "appendonlydir" / "leftover").chmod(0o644)
+        (data / "notes.txt").write_text("an operator's file, not the database's\n")
+        (data / "notes.txt").chmod(0o644)
+        with ServiceProcess(embedded_env(data.parent)) as service:
+            assert call(service.url + "/customers/1", "PUT", {"name": "Joe"})[0] == 201
+            yield service, data
+
+
 def test_a_customer_written_to_the_embedded_database_survives_a_restart(tmp_path):
     env = embedded_env(tmp_path)
     with ServiceProcess(env) as service:
@@ -28,24 +118,190 @@ def test_a_customer_written_to_the_embedded_database_survives_a_restart(tmp_path
                                         {"name": "Joe", "balance": 1000})
         assert status == 201
     assert service.process.returncode == 0
-    assert "embedded Redis stopped" in service.printed
+    assert "embedded database stopped" in service.printed
+    password = (tmp_path / "data" / "service.password").read_text()
 
     with ServiceProcess(env) as service:
         status, _, body = call(service.url + "/customers/" + created["id"])
         assert status == 200
         assert body == created
         assert call(service.url + "/customers")[2] == [created]
+    assert (tmp_path / "data" / "service.password").read_text() == password
 
 
-def test_the_embedded_database_is_a_cluster_with_an_append_only_file(tmp_path):
+def test_the_embedded_database_is_standalone_with_an_append_only_file(tmp_path):
     env = embedded_env(tmp_path)
     with ServiceProcess(env) as service:
         call(service.url + "/customers/1", "PUT", {"name": "Joe"})
     data = tmp_path / "data"
     config = (data / "redis.conf").read_text()
-    assert "cluster-enabled yes" in config
+    assert "cluster-enabled no" in config
     assert "appendfsync always" in config
-    assert "Joe" in "".join(path.read_text(errors="replace") for path in data.glob("*.aof"))
+    assert "Joe" in "".join(path.read_text(errors="replace") for path in data.rglob("*.aof"))
+
+
+def test_the_embedded_database_listens_on_no_tcp_port_and_only_its_user_reaches_its_socket(
+        embedded_service):
+    service, data = embedded_service
+    with embedded_client(data) as client:
+        pid = int(client.info("server")["process_id"])
+        assert client.info("server")["tcp_port"] == 0
+        # Standalone: no cluster bus, so no node can meet it or take its data.
+        with pytest.raises(redis.ResponseError, match="cluster support disabled"):
+            client.execute_command("CLUSTER", "MEET", "127.0.0.1", "7000")
+    assert listening(pid) == set()
+    socket_path = data / SOCKET
+    assert oct(socket_path.parent.stat().st_mode & 0o777) == "0o700"
+    assert oct(socket_path.stat().st_mode & 0o777) == "0o600"
+    # Another local user cannot even reach the socket; this one without a password gets NOAUTH.
+    if os.geteuid() == 0:
+        assert connect_as_nobody(socket_path) == "permission denied"
+    elif os.environ.get("CI"):
+        pytest.fail("run as root to test another user's connection (CI does)")
+    assert raw_reply(socket_path, b"PING").startswith(b"-NOAUTH")
+    assert call(service.url + "/customers/1")[2] == {"id": "1", "name": "Joe"}
+
+
+def test_embedded_port_adds_a_loopback_port_that_asks_for_the_password(tmp_path):
+    port = free_port()
+    with ServiceProcess({**embedded_env(tmp_path), "EMBEDDED_PORT": str(port)}) as service:
+        assert call(service.url + "/customers/1", "PUT", {"name": "Joe"})[0] == 201
+        with embedded_client(tmp_path / "data") as client:
+            assert listening(int(client.info("server")["process_id"])) == {("127.0.0.1", port)}
+        assert raw_reply(port, b"PING").startswith(b"-NOAUTH")
+        assert raw_reply(port, b"CLUSTER MEET 127.0.0.1 7000").startswith(b"-NOAUTH")
+        assert raw_reply(port, b"AUTH service wrong-password").startswith(b"-WRONGPASS")
+
+
+def test_a_data_directory_of_the_former_cluster_mode_server_loads_every_customer(
+        tmp_path, redis_server_binary):
+    data = tmp_path / "data"
+    data.mkdir()
+    port = free_cluster_port()
+    # How the embedded database ran before: a one-node cluster on a loopback port.
+    (data / "redis.conf").write_text(
+        f"port {port}\nbind 127.0.0.1\ndir {data}\ncluster-enabled yes\n"
+        "cluster-config-file nodes.conf\nappendonly yes\nappendfsync always\nsave \"\"\n")
+    former = subprocess.Popen([redis_server_binary, str(data / "redis.conf")],
+                              stdout=subprocess.DEVNULL)
+    try:
+        with redis.Redis(port=port, socket_timeout=5) as client:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    client.execute_command("CLUSTER ADDSLOTSRANGE", 0, 16383)
+                    break
+                except redis.ConnectionError:
+                    assert time.monotonic() < deadline, "the former server did not start"
+                    time.sleep(0.1)
+            while client.cluster("info")["cluster_state"] != "ok":
+                assert time.monotonic() < deadline, "the former cluster did not become ok"
+                time.sleep(0.1)
+            client.hset("customer:old1", mapping={"name": "Joe"})
+            # One customer in the rewritten base file, one in the file of later writes.
+            client.bgrewriteaof()
+            while client.info("persistence")["aof_rewrite_in_progress"] or \
+                    client.info("persistence")["aof_rewrite_scheduled"]:
+                assert time.monotonic() < deadline, "the rewrite did not end"
+                time.sleep(0.1)
+            client.hset("customer:old2", mapping={"name": "Ann"})
+    finally:
+        former.kill()
+        former.wait()
+    assert (data / "nodes.conf").exists()
+
+    with ServiceProcess(embedded_env(tmp_path)) as service:
+        assert call(service.url + "/customers/old1")[2] == {"id": "old1", "name": "Joe"}
+        assert call(service.url + "/customers/old2")[2] == {"id": "old2", "name": "Ann"}
+        assert call(service.url + "/customers/new", "PUT", {"name": "Eve"})[0] == 201
+        listed = call(service.url + "/customers")[2]
+    assert sorted(customer["id"] for customer in listed) == ["new", "old1", "old2"]
+
+
+def test_the_embedded_database_is_valkey_8_1(embedded_service):
+    _, data = embedded_service
+    with embedded_client(data) as client:
+        assert client.info("server")["valkey_version"].startswith("8.1.")
+
+
+def test_redis_server_names_another_server_run_as_closed_as_the_bundled_one(
+        tmp_path, tls_redis_server_binary):
+    env = {**embedded_env(tmp_path), "REDIS_SERVER": tls_redis_server_binary}
+    with ServiceProcess(env) as service:
+        assert call(service.url + "/customers/1", "PUT", {"name": "Joe"})[0] == 201
+        assert call(service.url + "/customers/1")[2] == {"id": "1", "name": "Joe"}
+        data = tmp_path / "data"
+        with embedded_client(data) as client:
+            assert "valkey_version" not in client.info("server")
+        assert raw_reply(data / SOCKET, b"PING").startswith(b"-NOAUTH")
+        with embedded_client(data, SERVICE_USER, protocol=2) as client:
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                client.config_get("dir")
+
+
+def test_the_embedded_database_answers_noauth_to_a_client_without_the_password(
+        embedded_service):
+    service, data = embedded_service
+    assert raw_reply(data / SOCKET, b"PING").startswith(b"-NOAUTH")
+    assert raw_reply(data / SOCKET, b"CONFIG SET dir /tmp").startswith(b"-NOAUTH")
+    assert raw_reply(data / SOCKET, b"AUTH default nothing").startswith(b"-WRONGPASS")
+    assert raw_reply(data / SOCKET, b"AUTH service wrong-password").startswith(b"-WRONGPASS")
+    assert call(service.url + "/customers/1")[2] == {"id": "1", "name": "Joe"}
+
+
+@pytest.mark.parametrize("command", [
+    ("CONFIG", "GET", "*"), ("CONFIG", "SET", "dir", "/tmp"), ("DEBUG", "SLEEP", "0"),
+    ("MODULE", "LIST"), ("FLUSHALL",), ("SHUTDOWN", "NOSAVE"), ("ACL", "LIST"),
+    ("EVAL", "return 1", "0"), ("KEYS", "*"), ("CLUSTER", "RESET"), ("SET", "customer:9", "x"),
+    ("HSET", "other:1", "a", "b"),
+])
+def test_the_services_user_is_refused_what_the_service_never_sends(embedded_service, command):
+    _, data = embedded_service
+    with embedded_client(data, SERVICE_USER, protocol=2) as client:
+        # Refused by its ACL, or (DEBUG) for everyone: either way, never run.
+        with pytest.raises(redis.ResponseError, match="(?i)no permissions|command not allowed"):
+            client.execute_command(*command)
+        assert client.hgetall("customer:1") == {"name": "Joe"}
+
+
+@pytest.mark.parametrize(("command", "refusal"), [
+    (("DEBUG", "SLEEP", "0"), "DEBUG command not allowed"),
+    (("MODULE", "LOAD", "/tmp/x.so"), "MODULE command not allowed"),
+    (("CONFIG", "SET", "dir", "/tmp"), "protected config"),
+    (("CONFIG", "SET", "dbfilename", "x.rdb"), "protected config"),
+])
+def test_even_the_admin_user_cannot_debug_load_modules_or_move_files(embedded_service, command,
+                                                                      refusal):
+    _, data = embedded_service
+    with embedded_client(data) as client:
+        with pytest.raises(redis.ResponseError, match=refusal):
+            client.execute_command(*command)
+
+
+def test_the_data_directory_is_0700_and_every_file_in_it_0600(embedded_service):
+    service, data = embedded_service
+    assert call(service.url + "/customers/2", "PUT", {"name": "Ann"})[0] == 201
+    modes = {str(path.relative_to(data)): oct(path.stat().st_mode & 0o777)
+             for path in data.rglob("*")}
+    # Another file there is the operator's: the 0700 folder guards it, its mode is its own.
+    assert modes.pop("notes.txt") == "0o644"
+    assert oct(data.stat().st_mode & 0o777) == "0o700"
+    assert {"service.password", "admin.password", "redis.conf", "redis.log", "appendonlydir",
+            "socket", str(SOCKET)} <= set(modes)
+    assert any(name.endswith(".aof") for name in modes)
+    assert {name: mode for name, mode in modes.items()
+            if mode != ("0o700" if (data / name).is_dir() else "0o600")} == {}
+
+
+def test_the_passwords_are_random_kept_and_never_written_in_the_config(embedded_service):
+    _, data = embedded_service
+    service_password = (data / "service.password").read_text().strip()
+    admin_password = (data / "admin.password").read_text().strip()
+    assert len(service_password) >= 32 and len(admin_password) >= 32
+    assert service_password != admin_password
+    config = (data / "redis.conf").read_text()
+    assert service_password not in config and admin_password not in config
+    assert "user default off" in config
 
 
 def test_server_py_runs_from_the_src_folder_as_in_the_original(tmp_path):
@@ -119,10 +375,20 @@ def test_invalid_configuration_is_one_clear_line_and_a_failed_exit(tmp_path, env
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_a_data_dir_too_long_for_a_unix_socket_is_refused_at_start(tmp_path):
+    env = {**embedded_env(tmp_path), "DATA_DIR": str(tmp_path / ("d" * 100))}
+    result = subprocess.run([sys.executable, str(SERVER)], env={**os.environ, **env},
+                            capture_output=True, text=True, timeout=30, cwd=tmp_path)
+    assert result.returncode == 1
+    assert "DATA_DIR is too long for a unix socket" in result.stderr
+
+
 def test_the_embedded_database_stops_cleanly_even_when_the_service_is_killed(tmp_path):
     env = embedded_env(tmp_path)
     service = ServiceProcess(env).start()
     call(service.url + "/customers/1", "PUT", {"name": "Joe"})
+    # The supervisor's thread started this one: it must go with the service all the same.
+    restart_embedded_database(service, tmp_path / "data")
     children = psutil.Process(service.process.pid).children()
     service.process.kill()
     service.stop()

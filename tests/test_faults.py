@@ -136,7 +136,7 @@ def test_a_paused_node_gives_fast_503s_and_leaves_threads_for_other_requests(
     env = {**cluster.service_env(), **SERVICE, "DBRETRYSECONDS": "2"}
     patience = 2 + 3 * TIMEOUT + 2
     with ServiceProcess(env) as service:
-        assert call(f"{service.url}/customers/{elsewhere}", "PUT", {"v": 1})[0] == 204
+        assert call(f"{service.url}/customers/{elsewhere}", "PUT", {"v": 1})[0] == 201
         load = MixedLoad(service.url, threads=8).start()
         load.wait_for_successes(150)
         cluster.kill(paused, signal.SIGSTOP)

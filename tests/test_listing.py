@@ -5,16 +5,19 @@ import json
 import re
 import threading
 import time
+from collections import Counter
 
 import pytest
 import redis
 from flask import Flask
 
+from bulk import Batch, PipelineBatch
 from conftest import cluster_config
 from database import connect, primary_of
-from listing import fetch, topology, walk
+from listing import encode_cursor, fetch, topology, walk
 from local_cluster import LocalCluster
-from server import create_app, stream_json_array
+from server import create_app, cursor_key, stream_json_array
+from settings import Config
 from storage import CustomerStore
 
 
@@ -68,7 +71,7 @@ def test_a_page_holds_whole_customers_and_the_last_page_has_no_link(client, redi
 def test_the_next_link_keeps_the_limit_and_carries_an_opaque_cursor(client, redis_client):
     add_customers(redis_client, 30)
     url = next_link(client.get("/customers?limit=10"))
-    assert re.fullmatch(r"/customers\?limit=10&cursor=[A-Za-z0-9_-]+", url)
+    assert re.fullmatch(r"/customers\?limit=10&cursor=[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+", url)
 
 
 def test_a_cursor_without_a_limit_gets_pages_of_the_default_size(client, redis_client):
@@ -89,7 +92,8 @@ def test_streaming_returns_the_same_customers_as_paging(client, redis_client):
 
 
 @pytest.mark.cluster
-def test_fetch_follows_a_moved_key_and_skips_keys_gone_or_retyped(redis_cluster):
+@pytest.mark.parametrize("batch", [Batch, PipelineBatch])
+def test_fetch_follows_a_moved_key_and_skips_keys_gone_or_retyped(redis_cluster, batch):
     redis_cluster.flush()
     redis_client = connect(cluster_config(redis_cluster))
     try:
@@ -100,10 +104,10 @@ def test_fetch_follows_a_moved_key_and_skips_keys_gone_or_retyped(redis_cluster)
             other = primary_of(redis_client, "customer:c")
         assert other.connection_pool is not home.connection_pool
         customer = {"id": "a", "name": "A", "n": 1}
-        assert fetch(redis_client, other, ["customer:a"]) == [customer]
+        assert fetch(redis_client, other, ["customer:a"], batch) == [customer]
         text_home = primary_of(redis_client, "customer:text")
-        assert fetch(redis_client, text_home, ["customer:text", "customer:gone"]) == []
-        assert fetch(redis_client, home, ["customer:a"]) == [customer]
+        assert fetch(redis_client, text_home, ["customer:text", "customer:gone"], batch) == []
+        assert fetch(redis_client, home, ["customer:a"], batch) == [customer]
         # The connection the batch used is back in the pool, and serves the next command.
         assert home.hgetall("customer:a") == {"name": "A", "n": "1", "_type:n": "int"}
     finally:
@@ -126,54 +130,98 @@ def test_a_walk_abandoned_midway_gives_its_connections_back(redis_cluster):
         redis_client.close()
 
 
+def signed(position: list, config: Config | None = None) -> str:
+    """Return a cursor for position, signed as the service of config (default: Config()) signs."""
+    return encode_cursor(position, cursor_key(config or Config()))
+
+
+def altered(token: str) -> str:
+    """Return a cursor whose position says SCAN cursor 8 where it said 7, signature kept."""
+    text, signature = token.split(".")
+    position = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).replace(b",7,", b",8,")
+    return base64.urlsafe_b64encode(position).decode().rstrip("=") + "." + signature
+
+
+NESTED = "[" * 5000 + "]" * 5000
+
+
 @pytest.mark.parametrize("query", [
     "limit=0", "limit=-1", "limit=abc", "limit=1001", "limit=1e3", "limit=", "limit=%EF%BC%95",
     "cursor=", "cursor=nonsense", "cursor=%00%01", "limit=5&cursor=bm90IGpzb24",
-    "cursor=" + base64.urlsafe_b64encode(b'[9,"single",0,0,null,null]').decode(),
-    "cursor=" + base64.urlsafe_b64encode(b'[1,"single",-1,0,null,null]').decode(),
-    "cursor=" + base64.urlsafe_b64encode(b'[1,"single",0,0,null,"ab"]').decode(),
-    "cursor=" + base64.urlsafe_b64encode(b'{"a": 1}').decode(),
+    "cursor=a.b.c", "cursor=" + "A" * 9000,
+    # Unsigned: a client's own JSON, however deep or large its numbers.
+    "cursor=" + base64.urlsafe_b64encode(b'[2,"single",0,18446744073709551616,[]]').decode(),
+    "cursor=" + base64.urlsafe_b64encode(NESTED.encode()).decode(),
+    "cursor=" + base64.urlsafe_b64encode(b'{"a": 1}').decode() + ".AAAA",
+    # Signed by another deployment (another database password).
+    "cursor=" + signed(["single", 0, 7, []], Config(db_password="another")),
+    # Signed here but altered on the way: one character of the position.
+    "cursor=" + altered(signed(["single", 0, 7, []])),
 ])
-def test_a_bad_limit_or_cursor_is_400_json(client, redis_client, query):
+def test_a_bad_limit_or_a_cursor_this_deployment_did_not_issue_is_400(client, redis_client, query):
     add_customers(redis_client, 3)
     response = client.get(f"/customers?{query}")
     assert response.status_code == 400
-    assert response.get_json()["message"]
+    assert response.content_type == "application/json"
+    assert re.search("limit must be|cursor", response.get_json()["message"])
 
 
 def test_a_cursor_from_another_node_layout_is_stale_410(client, redis_client):
     add_customers(redis_client, 3)
-    forged = base64.urlsafe_b64encode(b'[1,"000000000000",0,0,null,null]').decode()
-    response = client.get(f"/customers?limit=2&cursor={forged}")
+    response = client.get(f"/customers?limit=2&cursor={signed(['000000000000', 0, 0, []])}")
     assert response.status_code == 410
     assert "start again without a cursor" in response.get_json()["message"]
 
 
+def churn(client, stop: threading.Event, writer: int, per_second: float, counts: list):
+    """Create (POST, and PUT of new ids) and delete customers at about per_second writes."""
+    mine, started = [], time.monotonic()
+    for n in range(100_000):
+        if stop.is_set() or time.monotonic() - started > 60:
+            return
+        if n % 3 == 0:
+            mine.append(client.post("/customers", json={"n": n}).get_json()["id"])
+        elif n % 3 == 1:
+            mine.append(f"w{writer}-{n}")
+            client.put(f"/customers/{mine[-1]}", json={"n": n})
+        else:
+            client.delete(f"/customers/{mine.pop(0)}")
+        counts[writer] += 1
+        time.sleep(max(0.0, started + (n + 1) / per_second - time.monotonic()))
+
+
 @pytest.mark.cluster
-def test_paging_while_others_write_still_returns_every_customer_that_stays(redis_cluster):
+@pytest.mark.parametrize("writers", [0, 3])
+def test_paging_while_others_write_returns_each_lasting_customer_once_or_twice(
+        redis_cluster, writers):
     redis_cluster.flush()
     redis_client = connect(cluster_config(redis_cluster))
-    client = create_app(cluster_config(redis_cluster), redis_client).test_client()
-    stable = add_customers(redis_client, 2000, prefix="stable")
-    stop = threading.Event()
-
-    def churn():
-        for n in range(5000):
-            if stop.is_set():
-                return
-            redis_client.hset(f"customer:churn{n}", "n", str(n))
-            if n >= 50:
-                redis_client.delete(f"customer:churn{n - 50}")
-
-    writer = threading.Thread(target=churn)
-    writer.start()
+    app = create_app(cluster_config(redis_cluster), redis_client)
+    lasting = add_customers(redis_client, 5000, prefix="lasting")
+    stop, counts = threading.Event(), [0] * writers
+    threads = [threading.Thread(target=churn, args=(app.test_client(), stop, n, 150, counts))
+               for n in range(writers)]
+    for thread in threads:
+        thread.start()
+    pages = []
     try:
-        listed = walk_pages(client, 250)
+        time.sleep(0.5 if writers else 0)
+        # A client that takes its time between pages: the writers get ahead of it.
+        listed = walk_pages(app.test_client(), 100, lambda: pages.append(time.sleep(0.02)))
     finally:
         stop.set()
-        writer.join(30)
-        redis_client.close()
-    assert stable <= set(listed)
+        for thread in threads:
+            thread.join(30)
+    live = len(app.test_client().get("/customers").get_json())
+    redis_client.close()
+    times = Counter(listed)
+    assert lasting <= set(times)
+    assert max(times.values()) <= (2 if writers else 1)
+    assert len(pages) <= 1.1 * live / 100 + 5, (len(pages), live)
+    if writers:
+        print(f"\n{sum(counts)} writes during the walk; {len(listed)} rows for {live} "
+              f"customers; {len(pages)} pages; most repeats {max(times.values())}")
+        assert sum(counts) >= 300  # the writers really wrote during the walk
 
 
 @pytest.fixture(scope="module")
@@ -252,8 +300,8 @@ def test_streaming_keeps_integers_beyond_64_bits(client):
 
 
 def test_a_put_of_thousands_of_fields_sets_and_removes_them_all(client):
-    fields = {f"f{n}": n for n in range(2500)}
-    assert client.put("/customers/1", json=fields).status_code == 204
+    fields = {f"f{n}": n for n in range(1000)}
+    assert client.put("/customers/1", json=fields).status_code == 201
     removed = {name: None for name in fields}
     assert client.put("/customers/1", json=removed | {"x": 1}).status_code == 204
     assert client.get("/customers/1").get_json() == {"id": "1", "x": 1}
@@ -273,3 +321,17 @@ def test_a_list_cut_short_by_the_database_ends_with_its_array_unclosed():
     assert response.data == b'[{"id":"1"},{"id":"2"},{"id":"3"}'
     with pytest.raises(ValueError):
         json.loads(response.data)
+
+
+def test_paging_customers_with_long_ids_keeps_every_link_short(client, redis_client):
+    ids = {f"{n:04d}" + "é" * 1000 for n in range(60)}
+    for customer_id in ids:
+        redis_client.hset(f"customer:{customer_id}", "n", "1")
+    url, listed = "/customers?limit=7", []
+    while url:
+        assert len(url) <= 8192
+        response = client.get(url)
+        assert response.status_code == 200
+        listed += [customer["id"] for customer in response.get_json()]
+        url = next_link(response)
+    assert sorted(listed) == sorted(ids)

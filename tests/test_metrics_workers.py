@@ -18,7 +18,7 @@ from http_client import call
 from service_process import ServiceProcess
 
 pytestmark = pytest.mark.cluster
-ROUTE = "/customers/<customer_id>"
+ROUTE = "/customers/<path:customer_id>"
 STREAMED = 50_000  # customers: a list far larger than the socket buffers between us
 
 
@@ -65,7 +65,7 @@ def service(redis_cluster, tmp_path_factory):
            "GRANIAN_METRICS_PORT": str(free_port())}
     with ServiceProcess(env) as running:
         running.granian_metrics = f"http://127.0.0.1:{env['GRANIAN_METRICS_PORT']}"
-        assert call(running.url + "/customers/metered", "PUT", {"name": "Ada"})[0] == 204
+        assert call(running.url + "/customers/metered", "PUT", {"name": "Ada"})[0] == 201
         running.directory = directory
         yield running
     assert "Traceback" not in running.printed

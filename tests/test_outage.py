@@ -46,7 +46,7 @@ def test_whole_cluster_down_is_503_then_recovers_without_a_restart(outage_cluste
     app = create_app(config, connect(config))
     client = app.test_client()
     for n in range(20):
-        assert client.put(f"/customers/c{n}", json={"n": n}).status_code == 204
+        assert client.put(f"/customers/c{n}", json={"n": n}).status_code == 201
 
     for node in outage_cluster.nodes:
         outage_cluster.kill(node, signal.SIGKILL)
@@ -80,5 +80,5 @@ def test_the_service_starts_while_the_database_is_down_and_serves_once_it_is_up(
 
     outage_cluster.start()
     wait_for_status(client, "/customers/1", 404)
-    assert client.put("/customers/1", json={"name": "Joe"}).status_code == 204
+    assert client.put("/customers/1", json={"name": "Joe"}).status_code == 201
     assert client.get("/customers/1").get_json() == {"id": "1", "name": "Joe"}

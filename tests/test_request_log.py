@@ -103,11 +103,11 @@ def test_the_running_service_logs_json_lines_without_bodies_or_tokens(redis_clus
                                      method="PUT", headers={"Authorization": f"Bearer {token}",
                                                             "Content-Type": "application/json"})
         with urllib.request.urlopen(put, timeout=10) as response:
-            assert response.status == 204
+            assert response.status == 201
     lines = [json.loads(line) for line in service.printed.splitlines() if line.strip()]
     requests = [(line["method"], line["path"], line["status"]) for line in lines
                 if line["logger"] == "customers.requests"]
-    assert requests[-2:] == [("GET", "/customers/1", 401), ("PUT", "/customers/1", 204)]
+    assert requests[-2:] == [("GET", "/customers/1", 401), ("PUT", "/customers/1", 201)]
     # The server's own lines (granian's "Starting granian", "Listening at", ...) are JSON too.
     assert any(line["logger"] == "_granian" for line in lines)
     assert token not in service.printed

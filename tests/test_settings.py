@@ -57,3 +57,20 @@ def test_retries_and_replica_waits_are_configurable_and_zero_turns_retries_off()
     config = load_config({"DBRETRYSECONDS": "0", "DBWAITREPLICAS": "1"})
     assert (config.db_retry_seconds, config.db_wait_replicas) == (0.0, 1)
     assert (Config().db_retry_seconds, Config().db_wait_replicas) == (4.0, 0)
+
+
+def test_slow_client_deadlines_have_defaults_and_are_configurable():
+    config = load_config({"IDLE_TIMEOUT": "65", "MIN_SEND_RATE": "0", "SEND_TIMEOUT": "30",
+                          "MIN_BODY_RATE": "100", "BODY_TIMEOUT": "5"})
+    assert (config.idle_timeout, config.min_send_rate, config.send_timeout,
+            config.min_body_rate, config.body_timeout) == (65.0, 0, 30.0, 100, 5.0)
+    assert (Config().idle_timeout, Config().min_send_rate, Config().body_timeout) == (20.0, 4096,
+                                                                                      30.0)
+
+
+@pytest.mark.parametrize("env", [{"IDLE_TIMEOUT": "0"}, {"SEND_TIMEOUT": "soon"},
+                                 {"MIN_SEND_RATE": "-1"}, {"MIN_BODY_RATE": "fast"},
+                                 {"BODY_TIMEOUT": "301"}])
+def test_invalid_slow_client_deadlines_raise_a_config_error(env):
+    with pytest.raises(ConfigError):
+        load_config(env)

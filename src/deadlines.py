@@ -1,0 +1,149 @@
+"""Deadlines for request bodies and responses, and a cap on the requests that run Python at once.
+
+granian gives each request a thread for its whole life, reading the body and sending the
+response included. Here a request reads its body before it takes one of the worker's THREADS
+slots, and a streamed response gives its slot back while the client reads: slow clients wait
+on threads of their own (see serving.py), not on the slots that others need.
+"""
+
+import io
+import logging
+import threading
+import time
+from collections import deque
+
+from flask import json
+
+log = logging.getLogger(__name__)
+# A body gets this long before its rate counts, and is read this often when it trickles.
+BODY_GRACE_SECONDS = 2.0
+READS_PER_SECOND = 10
+LARGEST_READ = 64 * 1024
+STREAM_SLOTS = 1
+_END = object()
+
+
+class Slots:
+    """A semaphore that hands a freed slot to the longest waiter (threading's lets any take it)."""
+
+    def __init__(self, count: int):
+        self._lock = threading.Lock()
+        self._free = count
+        self._waiters = deque()
+
+    def __enter__(self):
+        with self._lock:
+            if self._free and not self._waiters:
+                self._free -= 1
+                return
+            waiter = threading.Lock()
+            waiter.acquire()
+            self._waiters.append(waiter)
+        waiter.acquire()  # released by the __exit__ that hands this thread its slot
+
+    def __exit__(self, *exc):
+        with self._lock:
+            if self._waiters:
+                self._waiters.popleft().release()
+            else:
+                self._free += 1
+
+
+def _expects_body(environ) -> bool:
+    length = environ.get("CONTENT_LENGTH", "")
+    chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
+    return chunked or (length.isdigit() and int(length) > 0)
+
+
+class Deadlines:
+    """Wrap a WSGI app: bodies read against a deadline, at most `threads` requests in the app."""
+
+    def __init__(self, app, config):
+        self.app = app
+        self.config = config
+        self.slots = Slots(config.threads)
+        # Streamed lists make their chunks one at a time in a worker: many lists at once (slow
+        # readers reconnecting) would otherwise keep every slot and the GIL from short requests.
+        self.stream_slots = Slots(STREAM_SLOTS)
+
+    def __call__(self, environ, start_response):
+        if _expects_body(environ):
+            body = self._read_body(environ)
+            if body is None:
+                return self._too_slow(start_response)
+            environ["wsgi.input"] = io.BytesIO(body)
+            if environ.pop("HTTP_TRANSFER_ENCODING", None):
+                # A chunked body, now read whole: over MAX_BODY_BYTES it gets 413 as any other.
+                environ["CONTENT_LENGTH"] = str(len(body))
+        with self.slots:
+            result = self.app(environ, start_response)
+            if not environ.get("customers.streamed"):
+                # The whole body handed over at once: granian sends it without this thread.
+                try:
+                    return [b"".join(result)]
+                finally:
+                    getattr(result, "close", lambda: None)()
+        return self._stream(result, environ)
+
+    def _read_body(self, environ) -> bytes | None:
+        """Return the body (at most MAX_BODY_BYTES + 1), or None if it came too slowly."""
+        length = environ.get("CONTENT_LENGTH", "")
+        limit = self.config.max_body_bytes + 1
+        if length.isdigit():
+            if int(length) > self.config.max_body_bytes:
+                return b""  # refused with 413 unread
+            limit = int(length)
+        stream, chunks, received = environ["wsgi.input"], [], 0
+        started, size = time.monotonic(), 1
+        while received < limit:
+            # granian's read(n) waits for n bytes: ask for what a tenth of a second brings.
+            chunk = stream.read(min(size, limit - received))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            received += len(chunk)
+            elapsed = time.monotonic() - started
+            allowed = BODY_GRACE_SECONDS + received / (self.config.min_body_rate or float("inf"))
+            if elapsed > self.config.body_timeout or elapsed > allowed:
+                log.warning("cut off %s %s: %d body bytes in %.1f s (MIN_BODY_RATE %d, "
+                            "BODY_TIMEOUT %s s)", environ.get("REQUEST_METHOD"),
+                            environ.get("PATH_INFO"), received, elapsed,
+                            self.config.min_body_rate, self.config.body_timeout)
+                return None
+            # At most double what came so far: a first burst says little of the rate.
+            rate = received / elapsed if elapsed > 0 else LARGEST_READ
+            size = max(1, min(LARGEST_READ, int(rate / READS_PER_SECOND), 2 * received))
+        return b"".join(chunks)
+
+    def _too_slow(self, start_response):
+        body = json.dumps({"message": "the request body came too slowly; send it faster"})
+        start_response("408 Request Timeout", [("Content-Type", "application/json"),
+                                               ("Connection", "close")])
+        return [body.encode() + b"\n"]
+
+    def _stream(self, result, environ):
+        """Yield the response's chunks, each made in a slot; stop after SEND_TIMEOUT."""
+        started, sent = time.monotonic(), 0
+        iterator = iter(result)
+        try:
+            while True:
+                with self.stream_slots, self.slots:
+                    chunk = next(iterator, _END)
+                if chunk is _END:
+                    return
+                yield chunk
+                sent += len(chunk)
+                elapsed = time.monotonic() - started
+                if elapsed > self.config.send_timeout:
+                    log.warning("cut off %s %s: %d bytes sent in %.1f s (SEND_TIMEOUT %s s)",
+                                environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"), sent,
+                                elapsed, self.config.send_timeout)
+                    return
+        except GeneratorExit:
+            # granian could not send: the client left, or its connection was closed as stalled.
+            log.warning("stopped %s %s after %d bytes: the connection closed",
+                        environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"), sent)
+            raise
+        finally:
+            with self.slots:
+                getattr(result, "close", lambda: None)()

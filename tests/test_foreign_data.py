@@ -1,0 +1,99 @@
+"""Data other programs wrote, and the ids of the original service, on fakeredis and a cluster."""
+
+from urllib.parse import quote
+
+import pytest
+
+from test_listing import walk_pages
+
+MERGE_PATCH = {"Content-Type": "application/merge-patch+json"}
+
+
+def test_a_value_that_is_not_utf8_reads_and_lists_as_replacement_characters(
+        client, redis_client, caplog):
+    redis_client.hset(b"customer:bin1", mapping={b"name": b"\xff\xfe", b"city": b"Lyon"})
+    client.put("/customers/plain", json={"name": "Al"})
+    expected = {"id": "bin1", "name": "\ufffd\ufffd", "city": "Lyon"}
+    response = client.get("/customers/bin1")
+    assert response.status_code == 200
+    assert response.get_json() == expected
+    listed = client.get("/customers")
+    assert listed.status_code == 200
+    assert sorted(listed.get_json(), key=lambda customer: customer["id"]) == [
+        expected, {"id": "plain", "name": "Al"}]
+    assert sorted(map(str, walk_pages(client, 1))) == ["bin1", "plain"]
+    assert "hold bytes that are not UTF-8" in caplog.text
+    # The stored bytes stay as the other program wrote them.
+    assert redis_client.hget(b"customer:bin1", b"name") == "\udcff\udcfe"
+
+
+def test_a_field_name_that_is_not_utf8_reads_with_replacement_characters(client, redis_client):
+    redis_client.hset(b"customer:bin2", mapping={b"na\xe9me": b"Zo\xeb", b"n": b"1"})
+    expected = {"id": "bin2", "na\ufffdme": "Zo\ufffd", "n": "1"}
+    assert client.get("/customers/bin2").get_json() == expected
+    assert client.get("/customers").get_json() == [expected]
+    assert client.get("/customers?limit=10").get_json() == [expected]
+    # The customer is still writable, and its ETag works with If-Match.
+    etag = client.get("/customers/bin2").headers["ETag"]
+    response = client.patch("/customers/bin2", json={"n": 2},
+                            headers={**MERGE_PATCH, "If-Match": etag})
+    assert response.status_code == 200
+    assert response.get_json() == {**expected, "n": 2}
+
+
+def test_a_key_that_is_not_utf8_is_left_out_of_lists_and_kept(client, redis_client, caplog):
+    redis_client.hset(b"customer:\xff\xfe", "name", "Foreign")
+    redis_client.hset(b"customer:", "name", "No id")
+    redis_client.hset(b"customer:a\nb", "name", "Control")
+    client.put("/customers/1", json={"name": "Joe"})
+    assert client.get("/customers").get_json() == [{"id": "1", "name": "Joe"}]
+    assert client.get("/customers?limit=1").get_json() == [{"id": "1", "name": "Joe"}]
+    assert "has an id no URL can name" in caplog.text
+    assert redis_client.hgetall(b"customer:\xff\xfe") == {"name": "Foreign"}
+
+
+ORIGINAL_IDS = ["john@example.com", "a b", "x:y", "Zoë-東京", "a/b", "100%", "q?x=1#y",
+                "+1 (555) 0100", "ümlaut", "..."]
+
+
+@pytest.mark.parametrize("customer_id", ORIGINAL_IDS)
+def test_every_listed_id_is_addressable_by_its_percent_encoded_path(
+        client, redis_client, customer_id):
+    # Written by the original service (or another program) straight into the database.
+    redis_client.hset(f"customer:{customer_id}", mapping={"name": "Old", "n": "1"})
+    [listed] = client.get("/customers").get_json()
+    assert listed == {"id": customer_id, "name": "Old", "n": "1"}
+    path = "/customers/" + quote(listed["id"], safe="")
+    assert client.get(path).get_json() == listed
+    assert client.put(path, json={"n": 2}).status_code == 204
+    response = client.patch(path, json={"vip": True}, headers=MERGE_PATCH)
+    assert response.get_json() == {"id": customer_id, "name": "Old", "n": 2, "vip": True}
+    assert client.delete(path).status_code == 204
+    assert client.get(path).status_code == 404
+    assert client.get("/customers").get_json() == []
+
+
+@pytest.mark.parametrize("customer_id", ORIGINAL_IDS)
+def test_a_client_creates_such_ids_with_put_and_gets_their_encoded_location(
+        client, customer_id):
+    path = "/customers/" + quote(customer_id, safe="")
+    response = client.put(path, json={"name": "New"})
+    assert response.status_code == 201
+    assert response.headers["Location"] == path
+    assert client.get(response.headers["Location"]).get_json() == {
+        "id": customer_id, "name": "New"}
+
+
+def test_a_hash_larger_than_max_fields_written_elsewhere_still_reads_and_lists(
+        client, redis_client):
+    fields = {f"f{n}": str(n) for n in range(1500)}
+    redis_client.hset("customer:big", mapping=fields)
+    assert client.get("/customers/big").get_json() == {"id": "big", **fields}
+    assert client.get("/customers").get_json() == [{"id": "big", **fields}]
+    # A write that would make it larger is refused; one that shrinks it is not.
+    response = client.put("/customers/big", json={"extra": 1})
+    assert response.status_code == 400
+    assert "MAX_FIELDS=1000" in response.get_json()["message"]
+    assert redis_client.hexists("customer:big", "extra") == 0
+    assert client.put("/customers/big", json={"f0": None, "f1": "one"}).status_code == 204
+    assert redis_client.hlen("customer:big") == 1499
