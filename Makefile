@@ -28,12 +28,13 @@ reliability: $(INSTALLED) ## Run the fault tests and print a table per fault
 	bash .ci/install-redis >/dev/null
 	rm -f $(VENV)/reliability.md
 	RELIABILITY_REPORT=$(VENV)/reliability.md $(BIN)/python -m pytest -q \
-		tests/test_faults.py tests/test_embedded_faults.py; \
+		tests/test_faults.py tests/test_embedded_faults.py tests/test_idempotency_faults.py; \
 		status=$$?; echo; cat $(VENV)/reliability.md; exit $$status
 
-bench: $(INSTALLED) ## Benchmark against the original's design, then metrics' cost (about 7 minutes; installs wrk)
+bench: $(INSTALLED) ## Benchmark against the original's design, POST with an Idempotency-Key, and metrics' cost (about 9 minutes; installs wrk)
 	command -v wrk >/dev/null || apt-get install -y wrk || (apt-get update && apt-get install -y wrk)
 	$(BIN)/python benchmarks/bench.py
+	$(BIN)/python benchmarks/idempotency_cost.py
 	$(BIN)/python benchmarks/metrics_overhead.py
 
 fuzz: $(INSTALLED) ## Fuzz a running service against the document it serves: make fuzz [URL=...] [TOKEN=...] [EXAMPLES=500]

@@ -6,7 +6,8 @@ socket, built with the same options (the storage and listing code serve either).
 Retries. redis-py's cluster client refreshes its topology after a connection error but
 retries without backoff, so a failover (several seconds) surfaces as errors. `Retrying`
 runs a whole store operation again, with exponential backoff and jitter, until it succeeds
-or DBRETRYSECONDS pass; then the last error goes up and the client gets a 503. Only
+or DBRETRYSECONDS pass; then the last error goes up and the client gets a 503. A node that
+does not answer is not waited for by every request in turn (see outages.py). Only
 operations that end in the same state however often they run may be retried, because a
 timed-out or disconnected command may still have been applied:
 - reads (HGETALL, SCAN pages) change nothing;
@@ -14,7 +15,8 @@ timed-out or disconnected command may still have been applied:
   leave the same hash, so a merge (PUT) applied twice is a merge applied once;
 - DEL of a key that is already gone is still a success (DELETE answers 204 either way);
 - a create draws its uuid before the first attempt, so a retry writes the same new key
-  and never makes a second customer;
+  and never makes a second customer; with an Idempotency-Key (idempotency.py), the retry
+  finds the key's record naming that uuid and answers as the create, not as a replay;
 - a write that reached its primary but too few replicas (DBWAITREPLICAS) is one of the
   above, so it is applied again and waited for again.
 A conditional write (WATCH, check, MULTI/EXEC) must retry the whole check-and-write: if a
@@ -41,6 +43,7 @@ from redis.cluster import RedisCluster
 from redis.retry import Retry
 
 import metrics
+from outages import NodeDown, Outages
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,8 @@ TRANSIENT = (rx.ConnectionError, rx.TimeoutError, rx.ClusterError, rx.RedisClust
 # Errors of configuration: retrying only delays the 503 that names them.
 PERMANENT = (rx.AuthenticationError, rx.AuthorizationError, rx.NoPermissionError)
 FIRST_BACKOFF_SECONDS = 0.05
+# How often the keeper tries again to connect, probes the nodes down and relearns the layout.
+KEEPER_PAUSE_SECONDS = 0.5
 PERMANENT_WORDS = ("CERTIFICATE_VERIFY_FAILED", "WRONG_VERSION_NUMBER", "NOAUTH", "WRONGPASS")
 
 
@@ -58,38 +63,126 @@ class ReplicasBehind(rx.RedisError):
 
 
 class LazyCluster:
-    """A RedisCluster connecting on first use, so the service starts while the database is down."""
+    """A RedisCluster that a thread connects in the background, even while the database is down.
 
-    def __init__(self, **options):
+    That thread, the keeper, is the only one to wait on a node that does not answer: it
+    connects, probes the nodes known down (see outages.py) until they answer, and relearns
+    which node serves which slots while a node is down or a request asks it to, so that the
+    keys of a failed primary reach its successor even when no other request succeeds.
+    Requests never wait on its locks: they wait for its first connect (a connect and a read,
+    two DBTIMEOUTs at most), then fail at once until it connects.
+    """
+
+    def __init__(self, outages: Outages | None = None, first_wait: float = 2.0, **options):
+        self.outages = outages or Outages()
         self._options = options
         self._client = None
-        self._lock = threading.Lock()
+        self._startup = f"{options['host']}:{options['port']}"
+        self._first_wait = first_wait
+        self._tried = threading.Event()
+        self._stopped = threading.Event()
+        self._keeper = None
+        self._keeper_lock = threading.Lock()
+        self._probing = set()
 
     def client(self) -> RedisCluster:
-        """Return the connected client, connecting now if needed (raises while it is down)."""
+        """Return the connected client (raises NodeDown while the keeper cannot connect)."""
+        client = self._client
+        if client is not None:
+            return client
+        self._start_keeper()
+        self.outages.use(self._startup)
+        self._tried.wait(self._first_wait)
         if self._client is None:
-            with self._lock:
-                if self._client is None:
-                    self._client = RedisCluster(**self._options)
-                    log.info("connected to the database at %s:%s",
-                             self._options["host"], self._options["port"])
+            self.outages.use(self._startup)
+            raise NodeDown(f"not yet connected to the database at {self._startup}")
         return self._client
 
     def __getattr__(self, name):
         return getattr(self.client(), name)
 
-    def refresh(self) -> None:
-        """Relearn which node serves which slots, if connected; failures wait for the next call."""
-        if self._client is not None:
-            try:
-                self._client.nodes_manager.initialize()
-            except TRANSIENT:
-                pass
+    def relearn(self) -> None:
+        """Ask the keeper to relearn the cluster's layout now, without waiting for it."""
+        self._start_keeper()
+        self.outages.changed.set()
 
     def close(self) -> None:
-        """Close every connection of the client, if it ever connected."""
+        """Stop the keeper and close every connection of the client, if it ever connected."""
+        self._stopped.set()
+        self.outages.changed.set()
+        if self._keeper is not None:
+            self._keeper.join(5)
         if self._client is not None:
             self._client.close()
+
+    def _start_keeper(self) -> None:
+        if self._keeper is None:
+            with self._keeper_lock:
+                if self._keeper is None and not self._stopped.is_set():
+                    self._keeper = threading.Thread(target=self._keep, name="database-keeper",
+                                                    daemon=True)
+                    self._keeper.start()
+
+    def _keep(self) -> None:
+        """Connect; then, whenever asked and while a node is down, probe and relearn."""
+        while not self._stopped.is_set():
+            self.outages.changed.clear()
+            if self._client is None:
+                self._connect()
+            else:
+                self._probe_down_nodes()
+                self._relearn_layout()
+            if self._client is None or self.outages.down():
+                self._stopped.wait(KEEPER_PAUSE_SECONDS)
+            else:
+                self.outages.changed.wait()
+                self._stopped.wait(KEEPER_PAUSE_SECONDS / 5)  # many asking: one relearning
+
+    def _connect(self) -> None:
+        try:
+            client = RedisCluster(**self._options)
+        except Exception as error:  # noqa: BLE001 - any failure is retried; requests get 503s
+            self.outages.failed(error, self._startup, always=True)
+        else:
+            self._client = client
+            self.outages.back(self._startup)
+            log.info("connected to the database at %s", self._startup)
+        finally:
+            self._tried.set()
+
+    def _probe_down_nodes(self) -> None:
+        """Ping each node known down, each in a thread of its own: paused ones take DBTIMEOUT."""
+        gone = []
+        for name in self.outages.down():
+            node = self._client.get_node(node_name=name)
+            if node is None:
+                gone.append(name)
+            elif name not in self._probing:
+                self._probing.add(name)
+                threading.Thread(target=self._probe, args=(name, node), daemon=True).start()
+        self.outages.forget(gone)
+
+    def _probe(self, name, node) -> None:
+        try:
+            self._client.get_redis_connection(node).ping()
+        except Exception as error:  # noqa: BLE001 - still down, whatever the reason
+            log.debug("database node %s still down: %s", name, error)
+        else:
+            self.outages.back(name)
+        finally:
+            self._probing.discard(name)
+
+    def _relearn_layout(self) -> None:
+        """Ask the nodes for the slots' owners, unless every node is down (none would answer)."""
+        if all(self.outages.is_down(node.name) for node in self._client.get_nodes()):
+            return
+        try:
+            self._client.nodes_manager.initialize(disconnect_startup_nodes_pools=False)
+        except Exception as error:  # noqa: BLE001 - the next round tries again
+            log.debug("relearning the database's layout failed: %s", error)
+            return
+        known = {node.name for node in self._client.get_nodes()}
+        self.outages.forget([name for name in self.outages.down() if name not in known])
 
 
 def connect(config, max_connections=None, credential_provider=None) -> LazyCluster | Redis:
@@ -122,7 +215,17 @@ def connect(config, max_connections=None, credential_provider=None) -> LazyClust
         options["ssl_cert_reqs"] = "required"
         if config.db_ca_cert:
             options["ssl_ca_certs"] = config.db_ca_cert
-    return LazyCluster(**options)
+    # Waiting in a request (a retry's backoff) takes one of these, leaving the other threads
+    # of the worker free to answer what needs no waiting, /healthz first of all.
+    outages = Outages(waiting_threads(config.threads))
+    # A first connect takes a connect and a read: wait for it, but within a request's budget.
+    first_wait = min(2 * config.db_timeout, config.db_retry_seconds + config.db_timeout)
+    return LazyCluster(outages, first_wait, **options)
+
+
+def waiting_threads(threads: int) -> int:
+    """Return how many of a worker's threads may wait for the database at once: half."""
+    return max(1, threads // 2)
 
 
 def is_transient(error: BaseException) -> bool:
@@ -138,81 +241,70 @@ def is_transient(error: BaseException) -> bool:
 
 
 def _relearn(redis, error: BaseException) -> None:
-    """Relearn the cluster's slots before the next attempt of a call that failed with error."""
+    """Ask for the cluster's slots to be relearnt before the next attempt of a call that failed."""
     log.debug("database call failed (%s); retrying", error)
     if isinstance(redis, LazyCluster):
-        redis.refresh()
-
-
-def _counted(function, *args, **kwargs):
-    """Return function(*args, **kwargs), counting its database error if it fails."""
-    try:
-        return function(*args, **kwargs)
-    except rx.RedisError as error:
-        metrics.database_error(error)
-        raise
+        redis.relearn()
 
 
 class Retrying:
     """Call a function again while the database is briefly unavailable, for at most `seconds`.
 
-    Once a call has run out of time, the database is taken as down: later calls try once
-    and fail at once, leaving the service's threads free, until one call succeeds again.
+    A node that fails a connect or a command is taken as down (see outages.py): calls for it
+    fail at once until it answers again. Waiting between attempts takes one of a few permits;
+    a call that finds none fails at once too, so that waiting calls cannot take every thread.
     """
 
-    def __init__(self, redis, seconds: float):
-        self.down = threading.Event()
+    def __init__(self, redis, seconds: float, outages: Outages | None = None):
         self.seconds = seconds
         self._redis = redis
+        self.outages = redis.outages if isinstance(redis, LazyCluster) else outages or Outages()
         # Its stop, what remains of `seconds` after the first attempt, is set per call.
         self._policy = tenacity.Retrying(
             retry=tenacity.retry_if_exception(is_transient),
             wait=tenacity.wait_exponential_jitter(multiplier=0.05, max=1.0, jitter=0.1),
             before_sleep=lambda state: _relearn(redis, state.outcome.exception()),
+            after=lambda state: self._failed(state.outcome.exception()),
             reraise=True,
         )
 
     def __call__(self, function, *args, **kwargs):
         """Return function(*args, **kwargs), retried as the class says."""
         started = time.monotonic()
+        self.outages.begin()
         try:
             # The first attempt skips tenacity's bookkeeping (about 20 us a call): most succeed.
-            result = function(*args, **kwargs)
+            return function(*args, **kwargs)
         except Exception as error:
-            if isinstance(error, rx.RedisError):
-                metrics.database_error(error)
-            if not is_transient(error) or self.down.is_set():
-                self._went_down(error)
+            self._failed(error)
+            if not is_transient(error):
                 raise
-            result = self._retry(started, error, function, *args, **kwargs)
-        if self.down.is_set():
-            self.down.clear()
-            log.info("database back: retrying brief outages again")
-        return result
+            return self._retry(started, error, function, *args, **kwargs)
 
     def _retry(self, started: float, error: Exception, function, *args, **kwargs):
         """Run function again with backoff for what remains of the budget started then."""
-        remaining = self.seconds - (time.monotonic() - started)
-        if remaining <= 0:
-            self._went_down(error)
+        # Waiting for a node that is down is worth it while its outage is young (a failover).
+        since = self.outages.down_since()
+        deadline = min(started, since or started) + self.seconds
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not self.outages.try_wait():
             raise error
         metrics.operation_retried()
-        _relearn(self._redis, error)
-        time.sleep(FIRST_BACKOFF_SECONDS * (1 + random.random()))
-        policy = self._policy.copy(
-            stop=tenacity.stop_before_delay(remaining) | tenacity.stop_when_event_set(self.down))
         try:
-            return policy(_counted, function, *args, **kwargs)
-        except Exception as error:
-            self._went_down(error)
-            raise
+            _relearn(self._redis, error)
+            time.sleep(FIRST_BACKOFF_SECONDS * (1 + random.random()))
+            policy = self._policy.copy(stop=tenacity.stop_before_delay(remaining))
+            return policy(function, *args, **kwargs)
+        finally:
+            self.outages.done_waiting()
 
-    def _went_down(self, error: Exception) -> None:
-        """Take the database as down after a transient error that outlasted the retries."""
-        if is_transient(error) and not self.down.is_set():
-            self.down.set()
-            log.warning("database down: answering 503 at once until it is back (%s: %s)",
-                        type(error).__name__, error)
+    def _failed(self, error: BaseException | None) -> None:
+        """Take the node that the failed attempt used as down, if the error says so."""
+        if error is not None:
+            self.outages.failed(error)
+            if isinstance(error, rx.RedisError):
+                metrics.database_error(error)
+            log.debug("database call failed: %s: %s", type(error).__name__, error)
 
 
 def retried(method):
@@ -224,7 +316,14 @@ def retried(method):
 
 
 def primary_of(redis, key: str):
-    """Return a plain client of the primary that owns key (the client itself when not a cluster)."""
+    """Return a plain client of the primary that owns key (the client itself when not a cluster).
+
+    Raises NodeDown at once when that primary is known to be down.
+    """
+    if isinstance(redis, LazyCluster):
+        node = redis.get_node_from_key(key)
+        redis.outages.use(node.name)
+        return redis.get_redis_connection(node)
     if hasattr(redis, "get_node_from_key"):
         return redis.get_redis_connection(redis.get_node_from_key(key))
     return redis

@@ -32,20 +32,21 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from idempotency import KEY_PREFIX as RECORD_PREFIX
 from storage import KEY_PREFIX
 
 log = logging.getLogger(__name__)
 SERVICE_USER = "service"
 ADMIN_USER = "admin"
-# What the service's user may run: its data commands on customer keys, and what redis-py's
-# cluster client needs on a managed cluster (the embedded server is no cluster and refuses the
-# CLUSTER ones). The tests' MemoryDB-shaped cluster gives its app user the same string, so the
-# service is tested under it.
-SERVICE_ACCESS = (f"~{KEY_PREFIX}* resetchannels -@all +auth +hello +ping "
+# What the service's user may run: its data commands on customer keys and Idempotency-Key
+# records (PEXPIRE: a record's time to live), and what redis-py's cluster client needs on a
+# managed cluster (the embedded server is no cluster and refuses the CLUSTER ones). The tests'
+# MemoryDB-shaped cluster gives its app user the same string, so the service is tested under it.
+SERVICE_ACCESS = (f"~{KEY_PREFIX}* ~{RECORD_PREFIX}* resetchannels -@all +auth +hello +ping "
                   "+cluster|slots +cluster|shards +cluster|info +cluster|nodes +command "
                   "+readonly +readwrite +asking +hgetall +hget +hmget +hset +hdel +del +exists "
                   "+type +hlen +hkeys +scan +multi +exec +discard +watch +unwatch +wait "
-                  "+evalsha +script|load")
+                  "+evalsha +script|load +pexpire")
 # What the service and the server keep in the data directory (appendonlydir is a folder).
 # "port" and "nodes.conf" are left by the former cluster-mode server, which listened on TCP.
 OWN_FILES = ("socket", "redis.conf", "redis.log", "*.password", "appendonly*", "*.aof", "*.rdb",

@@ -17,8 +17,18 @@ def database_problem(redis) -> str | None:
         if not isinstance(redis, LazyCluster | RedisCluster):
             redis.ping()
             return None
-        for node in redis.get_primaries():
-            state = redis.get_redis_connection(node).cluster("info").get("cluster_state")
+        outages = getattr(redis, "outages", None)
+        primaries = redis.get_primaries()
+        down = [node.name for node in primaries if outages and outages.is_down(node.name)]
+        if down:
+            return f"database unreachable: primary {', '.join(down)} down"
+        for node in primaries:
+            try:
+                state = redis.get_redis_connection(node).cluster("info").get("cluster_state")
+            except UNAVAILABLE as error:
+                if outages:
+                    outages.failed(error, node.name)
+                raise
             if state != "ok":
                 return f"cluster_state is {state} on {node.name}"
     except UNAVAILABLE as error:

@@ -12,6 +12,7 @@ import time
 from array import array
 
 from redis.exceptions import AskError, ClusterError
+from redis.exceptions import TimeoutError as NoAnswer
 
 import metrics
 from database import primary_of
@@ -53,26 +54,44 @@ def topology(redis) -> tuple[str, list]:
     fingerprint = hashlib.blake2b(repr(layout).encode(), digest_size=6).hexdigest()
     names = sorted({f"{host}:{port}" for _, _, host, port in layout})
     if any(redis.get_node(node_name=name) is None for name in names):
+        if hasattr(redis, "relearn"):
+            # The keeper relearns; waiting here would queue behind redis-py's locks.
+            redis.relearn()
+            raise ClusterError(f"the cluster's primaries changed ({names}); relearning them")
         redis.nodes_manager.initialize()
     nodes = [redis.get_node(node_name=name) for name in names]
     if None in nodes:
         raise ClusterError(f"the cluster announces primaries it cannot reach: {names}")
+    outages = getattr(redis, "outages", None)
+    for name in names if outages else ():
+        outages.use(name)  # a primary known down: 503 now, not a wait on it
     return fingerprint, [redis.get_redis_connection(node) for node in nodes]
 
 
 def _slot_layout(redis) -> list:
-    """Ask the known nodes in turn, primaries first, which primary serves which slots."""
+    """Ask the known nodes in turn, primaries first, which primary serves which slots.
+
+    Nodes known down are skipped, and a node that times out ends the search: a paused
+    cluster costs one DBTIMEOUT, not one per node.
+    """
     failure = None
+    outages = getattr(redis, "outages", None)
     for node in redis.get_primaries() + redis.get_replicas():
+        if outages and outages.is_down(node.name):
+            continue
         try:
             reply = redis.get_redis_connection(node).execute_command("CLUSTER SLOTS")
         except UNAVAILABLE as error:
+            if outages:
+                outages.failed(error, node.name)
+            if isinstance(error, NoAnswer):
+                raise
             failure = error
             continue
         # A node that never learnt its own address (a one-node cluster) announces no host.
         return [(start, end, primary[0] or node.host, primary[1])
                 for start, end, primary, *_ in reply]
-    raise failure or ClusterError("no node of the cluster is known")
+    raise failure or ClusterError("no node of the cluster is known, or every one is down")
 
 
 def fetch(redis, node, keys, batch) -> list:
@@ -232,25 +251,35 @@ def walk(store: CustomerStore):
     seen = SeenKeys()
     sent = False
     deadline = None
-    while True:
-        try:
-            for customers in _batches(store.redis, store.batch, topology(store.redis)[1], seen):
-                sent = True
-                yield customers
-            return
-        except UNAVAILABLE as error:
-            metrics.database_error(error)
-            # Before the first customer the caller can still answer 503; after it, resume.
-            if not sent:
-                raise
-            # Within the same budget as any other request (DBRETRYSECONDS), so that a slow
-            # database cannot hold the service's threads with walks that wait.
-            deadline = deadline or time.monotonic() + store.retry_seconds
-            if time.monotonic() > deadline:
-                raise
-            log.warning("listing interrupted (%s); walking again past what was sent", error)
-            metrics.operation_retried()
-            time.sleep(RESUME_PAUSE_SECONDS)
+    outages = store.retrying.outages
+    try:
+        while True:
+            try:
+                for customers in _batches(store.redis, store.batch, topology(store.redis)[1],
+                                              seen):
+                    sent = True
+                    yield customers
+                return
+            except UNAVAILABLE as error:
+                metrics.database_error(error)
+                # Before the first customer the caller can still answer 503; after it, resume,
+                # but not after a timeout (the database is slow: waiting more would hold a
+                # thread), nor when the threads that may wait are all waiting.
+                if not sent or isinstance(error, NoAnswer):
+                    raise
+                if deadline is None:
+                    if not outages.try_wait():
+                        raise
+                    # Within the same budget as any other request (DBRETRYSECONDS).
+                    deadline = time.monotonic() + store.retry_seconds
+                if time.monotonic() + RESUME_PAUSE_SECONDS > deadline:
+                    raise
+                log.warning("listing interrupted (%s); walking again past what was sent", error)
+                metrics.operation_retried()
+                time.sleep(RESUME_PAUSE_SECONDS)
+    finally:
+        if deadline is not None:
+            outages.done_waiting()
 
 
 def _batches(redis, batch_class, nodes: list, seen: SeenKeys):

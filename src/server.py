@@ -18,13 +18,14 @@ import docs_page
 import errors
 import health
 import iam_auth
+import idempotency
 import listing
 import metrics
 import preconditions
 import representation
 import request_log
 import validation
-from database import connect
+from database import connect, waiting_threads
 from embedded import SERVICE_USER, EmbeddedError, EmbeddedRedis, find_redis_server
 from settings import Config, ConfigError, load_config
 from storage import (
@@ -161,12 +162,36 @@ def options(resource: Resource, headers: dict | None = None) -> Response:
     return response
 
 
+def idempotent_post(creates: idempotency.IdempotentCreates, key: str) -> Response:
+    """Create a customer once per key: a repeat of the body answers the first 201 again."""
+    if not idempotency.valid_key(key):
+        errors.fail(400, f"{idempotency.HEADER} must be 1 to 255 visible ASCII characters "
+                         "(no spaces)")
+    fields = validation.read_fields()
+    try:
+        created = creates.create(key, fields)
+    except idempotency.KeyReused:
+        errors.fail(422, f"this {idempotency.HEADER} was first sent with another body; "
+                         "use a new key for another customer")
+    except idempotency.NotARecord:
+        errors.fail(409, f"the record of this {idempotency.HEADER} holds something that is not "
+                         "a record (not a hash); it is left as it is")
+    headers = {"Location": f"{request.script_root}/customers/{created.customer_id}"}
+    if created.replayed:
+        headers["Idempotent-Replayed"] = "true"
+    else:
+        log.info("created customer %s", created.customer_id)
+    return Response(created.customer + "\n", 201, headers, mimetype="application/json")
+
+
 class Customers(Resource):
     """The collection of customers: list them all, or create one."""
 
-    def __init__(self, store: CustomerStore, cursor_key: bytes):
+    def __init__(self, store: CustomerStore, cursor_key: bytes,
+                 creates: idempotency.IdempotentCreates):
         self.store = store
         self.cursor_key = cursor_key
+        self.creates = creates
 
     def get(self):
         """List every customer, streamed, or one page of them when limit or cursor is given."""
@@ -187,7 +212,10 @@ class Customers(Resource):
         return json_response(customers, 200, headers)
 
     def post(self):
-        """Create a customer under a new id."""
+        """Create a customer under a new id, once per Idempotency-Key if one is sent."""
+        key = request.headers.get(idempotency.HEADER)
+        if key is not None:
+            return idempotent_post(self.creates, key)
         customer = self.store.create(validation.read_fields())
         log.info("created customer %s", customer["id"])
         # Ids are URL-safe as they are (a uuid4 here): no quoting, no url_for.
@@ -294,11 +322,14 @@ def create_app(config: Config, redis_client) -> Flask:
     if config.metrics:
         metrics.install(app)
     store = CustomerStore(redis_client, config.db_retry_seconds, config.db_wait_replicas,
-                          wait_timeout=config.db_timeout / 2, max_fields=config.max_fields)
+                          wait_timeout=config.db_timeout / 2, max_fields=config.max_fields,
+                          waiting_threads=waiting_threads(config.threads))
     health.register(app, redis_client, guard.trusted)
     api = JsonApi(app)
+    creates = idempotency.IdempotentCreates(store, config.idempotency_ttl_seconds)
     api.add_resource(Customers, "/customers",
-                     resource_class_kwargs={"store": store, "cursor_key": cursor_key(config)})
+                     resource_class_kwargs={"store": store, "cursor_key": cursor_key(config),
+                                            "creates": creates})
     # path: an id may hold a /, as the keys of other programs may.
     api.add_resource(Customers_ID, "/customers/<path:customer_id>", endpoint="customer",
                      resource_class_kwargs={"store": store})

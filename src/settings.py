@@ -57,6 +57,7 @@ class Config:
     send_timeout: float = 300.0
     min_body_rate: int = 4096
     body_timeout: float = 30.0
+    idempotency_ttl_seconds: int = 86400
     metrics: bool = True
     # Tokens that open GET /metrics only (API tokens open it too), for a scraper.
     metrics_tokens: tuple[str, ...] = field(default=(), repr=False)
@@ -251,6 +252,8 @@ def load_config(env=None) -> Config:
         send_timeout=_number(env, "SEND_TIMEOUT", Config.send_timeout),
         min_body_rate=_integer(env, "MIN_BODY_RATE", Config.min_body_rate, 0, 2**31),
         body_timeout=_number(env, "BODY_TIMEOUT", Config.body_timeout),
+        idempotency_ttl_seconds=_integer(env, "IDEMPOTENCY_TTL_SECONDS",
+                                         Config.idempotency_ttl_seconds, 60, 365 * 86400),
         metrics=_flag(env, "METRICS", Config.metrics),
         metrics_tokens=_check_tokens([token.strip() for token in
                                       (_get(env, "METRICS_TOKEN") or "").split(",")

@@ -9,6 +9,7 @@ from redis import exceptions as rx
 
 from bulk import batch_class
 from database import ReplicasBehind, Retrying, on_primary, primary_of, retried, write_and_wait
+from outages import Outages
 
 log = logging.getLogger(__name__)
 KEY_PREFIX = "customer:"
@@ -291,12 +292,14 @@ class CustomerStore:
     """Read and write customers in a Redis or Redis Cluster client."""
 
     def __init__(self, redis, retry_seconds: float = 0.0, wait_replicas: int = 0,
-                 wait_timeout: float = 1.0, max_fields: int = 1000, fast_reader=None):
+                 wait_timeout: float = 1.0, max_fields: int = 1000, fast_reader=None,
+                 waiting_threads: int = 1):
         self.redis = redis
         # How listing reads batches of hashes (see bulk.py): None picks by redis-py's version.
         self.batch = batch_class(fast_reader)
         self.retry_seconds = retry_seconds
-        self.retrying = Retrying(redis, retry_seconds)
+        # A cluster client brings its own outages; a plain one gets these permits to wait.
+        self.retrying = Retrying(redis, retry_seconds, Outages(waiting_threads))
         self.wait_replicas = wait_replicas
         self.wait_timeout = wait_timeout
         self.max_fields = max_fields

@@ -5,11 +5,12 @@ import urllib.error
 import urllib.request
 
 
-def call(url: str, method: str = "GET", body=None, timeout: float = 10):
+def call(url: str, method: str = "GET", body=None, timeout: float = 10, headers=None):
     """Send a request and return (status, headers, parsed JSON body or None)."""
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
+                                     headers={"Content-Type": "application/json",
+                                              **(headers or {})})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             status, headers, raw = response.status, response.headers, response.read()

@@ -81,6 +81,18 @@ def use(client, models, database):
     customer_id = created.parsed.id
     assert created.parsed.additional_properties == {"name": "Joe", "balance": 10}
 
+    keyed = [from_api["create_customer"].sync_detailed(client=client, body=new,
+                                                        idempotency_key="generated-1")
+             for _ in range(2)]
+    assert [answer.status_code for answer in keyed] == [201, 201]
+    assert keyed[1].headers["idempotent-replayed"] == "true"
+    assert keyed[1].parsed.id == keyed[0].parsed.id
+    reused = from_api["create_customer"].sync_detailed(
+        client=client, body=models.NewCustomer.from_dict({"name": "Ann"}),
+        idempotency_key="generated-1")
+    assert reused.status_code == 422 and "another body" in reused.parsed.message
+    from_api["delete_customer"].sync_detailed(keyed[0].parsed.id, client=client)
+
     read = from_api["get_customer"].sync(customer_id, client=client)
     assert read.to_dict() == {"id": customer_id, "name": "Joe", "balance": 10}
 

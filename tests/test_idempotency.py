@@ -1,0 +1,205 @@
+"""POST /customers with an Idempotency-Key creates one customer per key, whatever repeats it."""
+
+import threading
+import uuid
+
+import pytest
+from redis import exceptions as rx
+from redis.crc import key_slot
+
+from conftest import cluster_config
+from database import connect, retried
+from http_client import call
+from idempotency import SLOTS, Created, IdempotentCreates, id_in_slot, record_key
+from server import create_app
+from service_process import ServiceProcess
+from settings import ConfigError, load_config
+from storage import CustomerStore
+
+ANN = {"name": "Ann", "balance": 75, "vip": True}
+DAY_MS = 86400 * 1000
+
+
+def post(client, body, key="order-7", **headers):
+    """POST a body (a dict, or JSON text as it is) with an Idempotency-Key."""
+    headers = {"Idempotency-Key": key, **headers} if key is not None else headers
+    if isinstance(body, str):
+        return client.post("/customers", data=body, headers={
+            "Content-Type": "application/json", **headers})
+    return client.post("/customers", json=body, headers=headers)
+
+
+def customers(stored_keys) -> list:
+    """Return the customer keys stored."""
+    return [key for key in stored_keys() if key.startswith("customer:")]
+
+
+def test_a_repeat_answers_the_first_response_again_and_creates_nothing(client, stored_keys):
+    first = post(client, ANN)
+    assert first.status_code == 201
+    assert "Idempotent-Replayed" not in first.headers
+    customer = first.get_json()
+    assert customer == {"id": customer["id"], **ANN}
+    assert first.headers["Location"] == f"/customers/{customer['id']}"
+    # The same parsed body: other member order, other spacing.
+    again = post(client, '{ "vip": true, "balance": 75,\n "name": "Ann" }')
+    assert again.status_code == 201
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert again.data == first.data
+    assert again.headers["Location"] == first.headers["Location"]
+    assert customers(stored_keys) == [f"customer:{customer['id']}"]
+    assert client.get(first.headers["Location"]).get_json() == customer
+
+
+def test_the_same_key_with_another_body_is_422_and_creates_nothing(client, stored_keys):
+    first = post(client, ANN).get_json()
+    for other in ({**ANN, "balance": 76}, {**ANN, "balance": 75.0}, {"name": "Ann"}):
+        response = post(client, other)
+        assert response.status_code == 422
+        assert "first sent with another body" in response.get_json()["message"]
+    assert customers(stored_keys) == [f"customer:{first['id']}"]
+
+
+def test_other_keys_create_other_customers_and_no_key_keeps_todays_create(
+        client, stored_keys, redis_client):
+    ids = {post(client, ANN, key=key).get_json()["id"] for key in ("a", "b", "!", "~" * 255)}
+    plain = client.post("/customers", json=ANN)
+    assert plain.status_code == 201 and "Idempotent-Replayed" not in plain.headers
+    assert len(ids | {plain.get_json()["id"]}) == 5
+    assert len(customers(stored_keys)) == 5
+    assert sorted(key for key in stored_keys() if key.startswith("idempotency:")) == [
+        record_key(key) for key in ("!", "a", "b", "~" * 255)]
+
+
+def test_a_customer_of_a_thousand_typed_fields_is_created_and_replayed_whole(client):
+    fields = {f"f{n}": [n, n / 2, n % 2 == 0, str(n)][n % 4] for n in range(1000)}
+    first = post(client, fields)
+    assert first.status_code == 201
+    assert client.get(first.headers["Location"]).get_json() == first.get_json()
+    assert post(client, fields).data == first.data
+
+
+@pytest.mark.parametrize("key", ["", "a b", "x" * 256, "tab\there", "caf\xe9", "\x7f"])
+def test_a_key_that_is_not_1_to_255_visible_ascii_characters_is_400(client, stored_keys, key):
+    response = post(client, ANN, key=key)
+    assert response.status_code == 400
+    assert "Idempotency-Key must be 1 to 255 visible ASCII" in response.get_json()["message"]
+    assert stored_keys() == []
+
+
+def test_a_bad_body_with_a_key_is_400_and_leaves_the_key_unused(client, stored_keys):
+    assert post(client, '{"name": null}').status_code == 400
+    assert post(client, "[1]").status_code == 400
+    assert stored_keys() == []
+    assert post(client, ANN).status_code == 201
+
+
+def test_the_record_expires_after_the_ttl(redis_client, client):
+    post(client, ANN)
+    assert DAY_MS - 60_000 < redis_client.pttl(record_key("order-7")) <= DAY_MS
+    redis_client.delete(record_key("order-7"))  # what expiry does
+    assert "Idempotent-Replayed" not in post(client, ANN).headers
+
+
+class LosesTheFirstReply(IdempotentCreates):
+    """Creates whose first script call is applied but its reply lost, as a dropped connection."""
+
+    lost = False
+
+    @retried
+    def _create(self, *args):
+        reply = IdempotentCreates._create.__wrapped__(self, *args)
+        if not self.lost:
+            self.lost = True
+            raise rx.ConnectionError("the reply was lost")
+        return reply
+
+
+def test_a_create_retried_after_a_lost_reply_is_answered_as_the_create(
+        redis_client, stored_keys):
+    creates = LosesTheFirstReply(CustomerStore(redis_client, retry_seconds=5), 86400)
+    created = creates.create("order-7", ANN)
+    assert creates.lost and not created.replayed
+    assert customers(stored_keys) == [f"customer:{created.customer_id}"]
+    assert creates.create("order-7", ANN) == Created(created.customer_id, created.customer,
+                                                     replayed=True)
+
+
+def test_ids_are_uuid4s_in_the_slot_of_the_record_of_their_key(client):
+    for key in ("a", "order-7", "{tagged}x", "~" * 255):
+        customer_id = post(client, ANN, key=key).get_json()["id"]
+        assert uuid.UUID(customer_id).version == 4 and str(uuid.UUID(customer_id)) == customer_id
+        assert key_slot(f"customer:{customer_id}".encode()) == key_slot(record_key(key).encode())
+    assert all(key_slot(f"customer:{id_in_slot(slot)}".encode()) == slot
+               for slot in range(SLOTS))
+    assert len({id_in_slot(5) for _ in range(1000)}) == 1000
+
+
+def test_a_replay_after_the_customer_was_deleted_still_creates_nothing(client, stored_keys):
+    location = post(client, ANN).headers["Location"]
+    assert client.delete(location).status_code == 204
+    again = post(client, ANN)
+    assert again.status_code == 201 and again.headers["Idempotent-Replayed"] == "true"
+    assert customers(stored_keys) == []
+
+
+def test_a_record_key_holding_another_type_is_409_and_left_as_it_is(client, redis_client):
+    redis_client.rpush(record_key("order-7"), "theirs")
+    response = post(client, ANN)
+    assert response.status_code == 409
+    assert "not a record" in response.get_json()["message"]
+    assert redis_client.lrange(record_key("order-7"), 0, -1) == ["theirs"]
+
+
+@pytest.mark.cluster
+def test_the_least_privilege_user_creates_once_with_dbwaitreplicas(memorydb_cluster):
+    memorydb_cluster.flush()
+    config = cluster_config(memorydb_cluster, db_wait_replicas=1)
+    assert config.db_username == "app"
+    database = connect(config)
+    try:
+        client = create_app(config, database).test_client()
+        first = post(client, ANN)
+        assert first.status_code == 201
+        assert post(client, ANN).headers["Idempotent-Replayed"] == "true"
+        assert post(client, {"x": 1}).status_code == 422
+        assert client.get(first.headers["Location"]).get_json() == first.get_json()
+    finally:
+        database.close()
+
+
+@pytest.mark.cluster
+def test_twenty_concurrent_requests_with_one_key_create_one_customer(redis_cluster):
+    redis_cluster.flush()
+    env = {**redis_cluster.service_env(), "WORKERS": "2", "THREADS": "8"}
+    start, answers = threading.Barrier(20), []
+
+    def send():
+        start.wait()
+        answers.append(call(service.url + "/customers", "POST", ANN, timeout=30,
+                            headers={"Idempotency-Key": "twenty"}))
+
+    with ServiceProcess(env) as service:
+        senders = [threading.Thread(target=send) for _ in range(20)]
+        for sender in senders:
+            sender.start()
+        for sender in senders:
+            sender.join(60)
+        listed = call(service.url + "/customers")[2]
+    assert [status for status, _, _ in answers] == [201] * 20
+    assert len({body["id"] for _, _, body in answers}) == 1
+    assert sorted(headers.get("Idempotent-Replayed", "no") for _, headers, _ in answers) == [
+        "no"] + ["true"] * 19
+    assert len(listed) == 1 and listed[0]["id"] == answers[0][2]["id"]
+
+
+@pytest.mark.parametrize(("value", "seconds"), [(None, 86400), ("60", 60), ("31536000", 31536000)])
+def test_idempotency_ttl_seconds_is_read_from_the_environment(value, seconds):
+    env = {} if value is None else {"IDEMPOTENCY_TTL_SECONDS": value}
+    assert load_config(env).idempotency_ttl_seconds == seconds
+
+
+@pytest.mark.parametrize("value", ["59", "31536001", "1.5", "day"])
+def test_an_idempotency_ttl_out_of_range_stops_the_service_with_a_clear_error(value):
+    with pytest.raises(ConfigError, match="IDEMPOTENCY_TTL_SECONDS must be"):
+        load_config({"IDEMPOTENCY_TTL_SECONDS": value})
