@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
+DEV_INSTALLED := $(VENV)/.dev-installed
 
 .PHONY: help run test bench fuzz cluster reliability lint clean
 
@@ -14,37 +15,41 @@ $(INSTALLED): requirements.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	touch $@
 
-run: $(INSTALLED) ## Start the service (embedded durable Redis when DBHOST is unset)
+$(DEV_INSTALLED): $(INSTALLED) requirements-dev.txt
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+run: $(INSTALLED) ## Start the service (an embedded, durable Valkey when DBHOST is unset)
 	$(BIN)/python src/server.py
 
-test: $(INSTALLED) ## Run every test, the real-cluster ones included
+test: $(DEV_INSTALLED) ## Run every test, the real-cluster ones included
 	$(BIN)/python -m pytest
 
-cluster: $(INSTALLED) ## Run a MemoryDB-shaped local cluster (TLS, ACL users, replicas) until Ctrl-C
+cluster: $(DEV_INSTALLED) ## Run a MemoryDB-shaped local cluster (TLS, ACL users, replicas) until Ctrl-C
 	bash .ci/install-redis >/dev/null
 	PYTHONPATH=src $(BIN)/python tests/local_cluster.py
 
-reliability: $(INSTALLED) ## Run the fault tests and print a table per fault
+reliability: $(DEV_INSTALLED) ## Run the fault tests and print a table per fault
 	bash .ci/install-redis >/dev/null
 	rm -f $(VENV)/reliability.md
 	RELIABILITY_REPORT=$(VENV)/reliability.md $(BIN)/python -m pytest -q \
 		tests/test_faults.py tests/test_embedded_faults.py tests/test_idempotency_faults.py; \
 		status=$$?; echo; cat $(VENV)/reliability.md; exit $$status
 
-bench: $(INSTALLED) ## Benchmark against the original's design, POST with an Idempotency-Key, and metrics' cost (about 9 minutes; installs wrk)
+bench: $(DEV_INSTALLED) ## Benchmark against the original's design, POST with an Idempotency-Key, and metrics' cost (about 9 minutes; installs wrk)
 	command -v wrk >/dev/null || apt-get install -y wrk || (apt-get update && apt-get install -y wrk)
 	$(BIN)/python benchmarks/bench.py
 	$(BIN)/python benchmarks/idempotency_cost.py
 	$(BIN)/python benchmarks/metrics_overhead.py
 
-fuzz: $(INSTALLED) ## Fuzz a running service against the document it serves: make fuzz [URL=...] [TOKEN=...] [EXAMPLES=500]
+fuzz: $(DEV_INSTALLED) ## Fuzz a running service against the document it serves: make fuzz [URL=...] [TOKEN=...] [EXAMPLES=500]
 	$(BIN)/python -c 'import sys, urllib.request as u; sys.stdout.buffer.write(u.urlopen(u.Request(sys.argv[1] + "/openapi.json", headers={"Authorization": "Bearer " + sys.argv[2]} if sys.argv[2] else {}), timeout=10).read())' \
 		$(or $(URL),http://127.0.0.1:8080) "$(TOKEN)" > $(VENV)/served-openapi.json
 	$(BIN)/schemathesis --config-file tests/schemathesis.toml run $(VENV)/served-openapi.json \
 		--url $(or $(URL),http://127.0.0.1:8080) --max-examples $(or $(EXAMPLES),500) \
 		$(if $(TOKEN),--header "Authorization: Bearer $(TOKEN)")
 
-lint: $(INSTALLED) ## Check the code with ruff
+lint: $(DEV_INSTALLED) ## Check the code with ruff
 	$(BIN)/ruff check src tests benchmarks
 
 clean: ## Remove the virtual environment (data/ is kept)
