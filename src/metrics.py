@@ -29,6 +29,9 @@ BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 UNMATCHED = "unmatched"
 STARTED = "customers.metrics.started"
+# The directory the main process makes, named by its pid: a later start removes it if that
+# process was killed before it could.
+PREFIX = "customers-metrics-"
 
 
 class Metrics:
@@ -146,6 +149,16 @@ def forget_dead_processes(directory: str) -> None:
             start().multiprocess.mark_process_dead(pid, directory)
 
 
+def remove_orphans(parent: Path) -> None:
+    """Remove the directories that main processes killed with SIGKILL left behind in parent."""
+    if not Path("/proc/self").exists():
+        return
+    for orphan in parent.glob(PREFIX + "*"):
+        pid = orphan.name[len(PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(orphan, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def shared_directory(enabled: bool = True):
     """In the main process, before the workers start: let every process count into one place.
@@ -166,9 +179,10 @@ def shared_directory(enabled: bool = True):
         directory = given
     else:
         # In memory where there is a tmpfs: the files are written at every request.
-        memory = "/dev/shm" if os.path.isdir("/dev/shm") else None
-        directory = os.environ[DIRECTORY] = tempfile.mkdtemp(prefix="customers-metrics-",
-                                                             dir=memory)
+        parent = Path("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
+        remove_orphans(parent)
+        directory = os.environ[DIRECTORY] = tempfile.mkdtemp(
+            prefix=f"{PREFIX}{os.getpid()}-", dir=parent)
     start()
     log.info("metrics of every worker kept in %s", directory)
     try:

@@ -1,5 +1,7 @@
 """GET /metrics: Prometheus text the library's own parser reads, by URL rule, behind tokens."""
 
+import os
+
 import fakeredis
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -178,3 +180,15 @@ def test_metrics_settings_are_read_and_checked():
         load_config({"METRICS_TOKEN": "short"})
     with pytest.raises(ConfigError, match="METRICS must be true or false"):
         load_config({"METRICS": "maybe"})
+
+
+def test_a_start_removes_the_directories_of_killed_services_and_keeps_live_ones(tmp_path):
+    orphan = tmp_path / f"{metrics.PREFIX}{2**31 + 7}-abc"  # above any pid Linux gives
+    live = tmp_path / f"{metrics.PREFIX}{os.getpid()}-def"
+    operators = tmp_path / "customers-metrics-kept"
+    for directory in (orphan, live, operators):
+        directory.mkdir()
+        (directory / "counter_1.db").write_bytes(b"x")
+    metrics.remove_orphans(tmp_path)
+    assert not orphan.exists()
+    assert live.exists() and operators.exists()
