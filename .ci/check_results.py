@@ -5,7 +5,8 @@ import xml.etree.ElementTree as ET
 
 # Modules that must run in CI: real processes, TLS and ACL users, fault injection.
 REQUIRED = ("test_outage", "test_embedded", "test_api_tls_acl", "test_connection",
-            "test_faults", "test_embedded_faults", "test_iam_auth", "test_deploy")
+            "test_faults", "test_embedded_faults", "test_iam_auth", "test_deploy",
+            "test_metrics_workers", "test_docs_browser")
 
 cases = list(ET.parse(sys.argv[1]).iter("testcase"))
 skipped = [case.get("name") for case in cases if case.find("skipped") is not None]

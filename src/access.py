@@ -36,14 +36,18 @@ def _bearer() -> str | None:
 class Guard:
     """The tokens a request must name; with none configured, the service is open by choice."""
 
-    def __init__(self, tokens):
+    def __init__(self, tokens, path_tokens=None):
         self.digests = [_digest(token.encode()) for token in tokens]
+        # path_tokens maps a path to more tokens that open that path alone (METRICS_TOKEN).
+        self.by_path = {path: self.digests + [_digest(token.encode()) for token in more]
+                        for path, more in (path_tokens or {}).items() if more}
 
-    def valid(self, token: str) -> bool:
-        """Whether the token is one of the configured ones, in constant time."""
+    def valid(self, token: str, digests=None) -> bool:
+        """Whether the token is one of the configured ones (or of digests), in constant time."""
         given = _digest(token.encode("utf-8", "surrogateescape"))
         matched = False
-        for digest in self.digests:  # every token, always: the time taken tells nothing
+        # Every token, always: the time taken tells nothing.
+        for digest in self.digests if digests is None else digests:
             matched |= hmac.compare_digest(given, digest)
         return matched
 
@@ -51,10 +55,13 @@ class Guard:
         """Stop with 401 unless the request names a token (paths in OPEN_PATHS excepted)."""
         if request.path in OPEN_PATHS:
             return
+        accepted = self.by_path.get(request.path, self.digests)
+        if not accepted:  # only a path's own tokens are set: the other paths stay open
+            return
         token = _bearer()
         if token is None:
             _refuse('send "Authorization: Bearer <token>"')
-        if not self.valid(token):
+        if not self.valid(token, accepted):
             _refuse("the bearer token is not valid", "invalid_token")
 
     def trusted(self) -> bool:
@@ -73,10 +80,10 @@ class Guard:
         return response
 
 
-def install(app, tokens) -> Guard:
+def install(app, tokens, path_tokens=None) -> Guard:
     """Make every request outside OPEN_PATHS name one of the tokens (if any); add the headers."""
-    guard = Guard(tokens)
-    if guard.digests:
+    guard = Guard(tokens, path_tokens)
+    if guard.digests or guard.by_path:
         app.before_request(guard.check_token)
     app.after_request(guard.add_headers)
     return guard

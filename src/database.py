@@ -44,6 +44,7 @@ from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
 from redis.retry import Retry
 
+import metrics
 from outages import NodeDown, Outages
 
 log = logging.getLogger(__name__)
@@ -290,6 +291,7 @@ class Retrying:
         remaining = deadline - time.monotonic()
         if remaining <= 0 or not self.outages.try_wait():
             raise error
+        metrics.operation_retried()
         try:
             _relearn(self._redis, error)
             time.sleep(FIRST_BACKOFF_SECONDS * (1 + random.random()))
@@ -302,6 +304,8 @@ class Retrying:
         """Take the node that the failed attempt used as down, if the error says so."""
         if error is not None:
             self.outages.failed(error)
+            if isinstance(error, rx.RedisError):
+                metrics.database_error(error)
             log.debug("database call failed: %s: %s", type(error).__name__, error)
 
 

@@ -14,6 +14,7 @@ from array import array
 from redis.exceptions import AskError, ClusterError
 from redis.exceptions import TimeoutError as NoAnswer
 
+import metrics
 import projection
 from database import primary_of
 from storage import (
@@ -268,6 +269,7 @@ def walk(store: CustomerStore, asked: tuple = ()):
                     yield customers
                 return
             except UNAVAILABLE as error:
+                metrics.database_error(error)
                 # Before the first customer the caller can still answer 503; after it, resume,
                 # but not after a timeout (the database is slow: waiting more would hold a
                 # thread), nor when the threads that may wait are all waiting.
@@ -281,6 +283,7 @@ def walk(store: CustomerStore, asked: tuple = ()):
                 if time.monotonic() + RESUME_PAUSE_SECONDS > deadline:
                     raise
                 log.warning("listing interrupted (%s); walking again past what was sent", error)
+                metrics.operation_retried()
                 time.sleep(RESUME_PAUSE_SECONDS)
     finally:
         if deadline is not None:

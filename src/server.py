@@ -14,11 +14,13 @@ from flask_restful import Api, Resource
 
 import access
 import api_contract
+import docs_page
 import errors
 import health
 import iam_auth
 import idempotency
 import listing
+import metrics
 import preconditions
 import projection
 import representation
@@ -325,7 +327,9 @@ def create_app(config: Config, redis_client) -> Flask:
     app.config["MAX_IMPORT_BYTES"] = config.max_import_bytes
     errors.register(app)
     request_log.install(app)
-    guard = access.install(app, config.api_tokens)
+    guard = access.install(app, config.api_tokens, {"/metrics": config.metrics_tokens})
+    if config.metrics:
+        metrics.install(app)
     store = CustomerStore(redis_client, config.db_retry_seconds, config.db_wait_replicas,
                           wait_timeout=config.db_timeout / 2, max_fields=config.max_fields,
                           waiting_threads=waiting_threads(config.threads))
@@ -339,6 +343,7 @@ def create_app(config: Config, redis_client) -> Flask:
     api.add_resource(Customers_ID, "/customers/<path:customer_id>", endpoint="customer",
                      resource_class_kwargs={"store": store})
     api_contract.install(app, bool(config.api_tokens))
+    docs_page.install(app)
     return app
 
 
@@ -361,12 +366,14 @@ def database(config: Config):
     embedded = EmbeddedRedis(config.data_dir, find_redis_server(config.redis_server),
                              config.embedded_port)
     socket_path = embedded.start()
+    metrics.set_embedded_up(True)
     try:
         yield dataclasses.replace(config, db_socket=socket_path, db_tls=False,
                                   db_username=SERVICE_USER, db_password=embedded.service_password,
                                   db_wait_replicas=0)
     finally:
         embedded.stop()
+        metrics.set_embedded_up(False)
 
 
 def main() -> int:
@@ -382,7 +389,7 @@ def main() -> int:
     import serving
 
     try:
-        with database(config) as db_config:
+        with metrics.shared_directory(config.metrics), database(config) as db_config:
             pool = serving.pool_size(config)
             serving.serve(lambda: create_app(db_config, database_client(db_config, pool)), config)
     except EmbeddedError as error:

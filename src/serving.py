@@ -40,7 +40,7 @@ REQUEST_NAMES = frozenset({"CONTENT_TYPE", "CONTENT_LENGTH", "REQUEST_METHOD", "
                            "PATH_INFO", "QUERY_STRING", "REMOTE_ADDR", "REMOTE_PORT",
                            "SERVER_NAME", "SERVER_PORT", "SERVER_PROTOCOL"})
 SECRET_NAMES = frozenset({"DBPASSWORD", "DB_PASSWORD", "API_TOKENS", "AWS_SECRET_ACCESS_KEY",
-                          "AWS_SESSION_TOKEN"})
+                          "AWS_SESSION_TOKEN", "METRICS_TOKEN"})
 
 
 def scrub_environment(environ=os.environ) -> None:
@@ -108,4 +108,7 @@ def serve(factory, config) -> None:
         workers_kill_timeout=20,
         log_level=config.log_level.lower(),
         log_dictconfig=request_log.granian_settings(config.log_level, config.log_format),
+        metrics_enabled=bool(config.granian_metrics_port),
+        metrics_address=config.host,
+        metrics_port=config.granian_metrics_port or 9090,
     ).serve(target_loader=lambda _target: _worker_app(factory, parent, config))

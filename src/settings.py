@@ -59,6 +59,11 @@ class Config:
     body_timeout: float = 30.0
     idempotency_ttl_seconds: int = 86400
     max_import_bytes: int = 2**30
+    metrics: bool = True
+    # Tokens that open GET /metrics only (API tokens open it too), for a scraper.
+    metrics_tokens: tuple[str, ...] = field(default=(), repr=False)
+    # granian's own Prometheus exporter (workers, connections, threads), on HOST; 0: off.
+    granian_metrics_port: int = 0
 
     @property
     def embedded(self) -> bool:
@@ -251,4 +256,10 @@ def load_config(env=None) -> Config:
         idempotency_ttl_seconds=_integer(env, "IDEMPOTENCY_TTL_SECONDS",
                                          Config.idempotency_ttl_seconds, 60, 365 * 86400),
         max_import_bytes=_integer(env, "MAX_IMPORT_BYTES", Config.max_import_bytes, 1, 2**40),
+        metrics=_flag(env, "METRICS", Config.metrics),
+        metrics_tokens=_check_tokens([token.strip() for token in
+                                      (_get(env, "METRICS_TOKEN") or "").split(",")
+                                      if token.strip()], "METRICS_TOKEN"),
+        granian_metrics_port=_integer(env, "GRANIAN_METRICS_PORT", Config.granian_metrics_port,
+                                      0, 65535),
     )
