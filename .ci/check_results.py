@@ -6,7 +6,9 @@ import xml.etree.ElementTree as ET
 # Modules that must run in CI: real processes, TLS and ACL users, fault injection.
 REQUIRED = ("test_outage", "test_embedded", "test_api_tls_acl", "test_connection",
             "test_faults", "test_embedded_faults", "test_iam_auth", "test_deploy",
-            "test_metrics_workers", "test_docs_browser")
+            "test_metrics_workers", "test_docs_browser", "test_slow_clients",
+            "test_slow_database", "test_idempotency_faults", "test_generated_client",
+            "test_foreign_data", "test_make_targets", "test_transfer")
 
 cases = list(ET.parse(sys.argv[1]).iter("testcase"))
 skipped = [case.get("name") for case in cases if case.find("skipped") is not None]
