@@ -360,6 +360,26 @@ def on_primary(redis, key: str, *command):
     return reply
 
 
+def run_script(redis, script: str, sha: str, keys: tuple, args: tuple, replicas: int = 0,
+               timeout: float = 1.0):
+    """EVALSHA script on the primary of keys[0] (all in its slot), then WAIT if replicas.
+
+    A node that restarted, was promoted or was added has no scripts yet: the script is loaded
+    there and run once more.
+    """
+    command = ("EVALSHA", sha, len(keys), *keys, *args)
+    for attempt in range(2):
+        try:
+            if replicas:
+                return write_and_wait(redis, keys[0], [command], replicas, timeout)[0]
+            return on_primary(redis, keys[0], *command)
+        except rx.NoScriptError:
+            if attempt:
+                raise
+            primary_of(redis, keys[0]).script_load(script)
+    raise AssertionError("unreachable")
+
+
 def write_and_wait(redis, key: str, commands: list, replicas: int, timeout: float) -> list:
     """Apply commands on key in one MULTI/EXEC, then WAIT on the same connection for replicas."""
     pipe = primary_of(redis, key).pipeline(transaction=False)

@@ -21,7 +21,7 @@ import orjson
 from redis import exceptions as rx
 from redis.crc import key_slot
 
-from database import on_primary, primary_of, retried, write_and_wait
+from database import retried, run_script
 from representation import dumps
 from storage import KEY_PREFIX as CUSTOMER_PREFIX
 from storage import customer_key, encode, flat, is_wrongtype
@@ -135,20 +135,11 @@ class IdempotentCreates:
     def _create(self, record: str, key: str, fingerprint: str, customer_id: str,
                 customer: str, pairs: list) -> list:
         """Run CREATE_SCRIPT on the record and the customer's key, then WAIT if configured."""
-        command = ("EVALSHA", CREATE_SHA, 2, record, key, fingerprint, customer_id, customer,
-                   self.ttl_ms, *pairs)
-        for attempt in range(2):
-            try:
-                if self.wait_replicas:
-                    return write_and_wait(self.redis, record, [command], self.wait_replicas,
-                                          self.wait_timeout)[0]
-                return on_primary(self.redis, record, *command)
-            except rx.NoScriptError:
-                # A node that restarted, was promoted or was added has no scripts yet.
-                if attempt:
-                    raise
-                primary_of(self.redis, record).script_load(CREATE_SCRIPT)
-            except rx.ResponseError as error:
-                if is_wrongtype(error):
-                    raise NotARecord(record) from None
-                raise
+        try:
+            return run_script(self.redis, CREATE_SCRIPT, CREATE_SHA, (record, key),
+                              (fingerprint, customer_id, customer, self.ttl_ms, *pairs),
+                              self.wait_replicas, self.wait_timeout)
+        except rx.ResponseError as error:
+            if is_wrongtype(error):
+                raise NotARecord(record) from None
+            raise

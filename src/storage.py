@@ -8,7 +8,7 @@ import uuid
 from redis import exceptions as rx
 
 from bulk import batch_class
-from database import ReplicasBehind, Retrying, on_primary, primary_of, retried, write_and_wait
+from database import ReplicasBehind, Retrying, on_primary, primary_of, retried, run_script
 from outages import Outages
 
 log = logging.getLogger(__name__)
@@ -306,21 +306,11 @@ class CustomerStore:
 
     def _script(self, customer_id: str, sha: str, *args):
         """Run one of SCRIPTS on a customer's key, then WAIT for replicas if configured."""
-        key = customer_key(customer_id)
-        command = ("EVALSHA", sha, 1, key, *args)
-        for attempt in range(2):
-            try:
-                if self.wait_replicas:
-                    return write_and_wait(self.redis, key, [command], self.wait_replicas,
-                                          self.wait_timeout)[0]
-                return on_primary(self.redis, key, *command)
-            except rx.NoScriptError:
-                # A node that restarted or was added has no scripts yet.
-                if attempt:
-                    raise
-                primary_of(self.redis, key).script_load(SCRIPTS[sha])
-            except rx.ResponseError as error:
-                raise _refusal(customer_id, error) from None
+        try:
+            return run_script(self.redis, SCRIPTS[sha], sha, (customer_key(customer_id),), args,
+                              self.wait_replicas, self.wait_timeout)
+        except rx.ResponseError as error:
+            raise _refusal(customer_id, error) from None
 
     @retried
     def get(self, customer_id: str) -> dict | None:
