@@ -64,6 +64,16 @@ class ReplicasBehind(rx.RedisError):
     """A write reached its primary but not DBWAITREPLICAS replicas in time: not acknowledged."""
 
 
+class Unreplicated(rx.RedisError):
+    """A conditional write reached its primary but too few replicas: not acknowledged."""
+
+
+# What "the database is unavailable" means: it cannot answer now (a 503 with Retry-After), as
+# opposed to a bug in a request. Waiting mends some (TRANSIENT), not others (PERMANENT).
+UNAVAILABLE = TRANSIENT + PERMANENT + (rx.MasterDownError, rx.BusyLoadingError, ReplicasBehind,
+                                       Unreplicated)
+
+
 class LazyCluster:
     """A RedisCluster that a thread connects in the background, even while the database is down.
 

@@ -5,7 +5,7 @@ import logging
 from flask import json
 from werkzeug.exceptions import HTTPException, InternalServerError, abort, default_exceptions
 
-from storage import UNAVAILABLE
+from database import UNAVAILABLE
 
 log = logging.getLogger(__name__)
 RETRY_AFTER_SECONDS = 2

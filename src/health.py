@@ -4,9 +4,8 @@ import logging
 
 from redis.cluster import RedisCluster
 
-from database import LazyCluster
+from database import UNAVAILABLE, LazyCluster
 from errors import RETRY_AFTER_SECONDS
-from storage import UNAVAILABLE
 
 log = logging.getLogger(__name__)
 

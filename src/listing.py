@@ -16,10 +16,9 @@ from redis.exceptions import TimeoutError as NoAnswer
 
 import metrics
 import projection
-from database import primary_of
+from database import UNAVAILABLE, primary_of
 from storage import (
     KEY_PREFIX,
-    UNAVAILABLE,
     CustomerStore,
     addressable,
     decode,

@@ -8,7 +8,7 @@ import uuid
 from redis import exceptions as rx
 
 from bulk import batch_class
-from database import ReplicasBehind, Retrying, on_primary, primary_of, retried, run_script
+from database import Retrying, Unreplicated, on_primary, primary_of, retried, run_script
 from outages import Outages
 
 log = logging.getLogger(__name__)
@@ -21,29 +21,6 @@ MAX_ID_LENGTH = 1024
 UNADDRESSABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 # A conditional write re-reads and retries when another writer changed the key meanwhile.
 WATCH_ATTEMPTS = 50
-
-
-class Unreplicated(rx.RedisError):
-    """A conditional write reached its primary but too few replicas: not acknowledged."""
-
-
-# Errors that mean the database cannot answer now, as opposed to a bug in a request.
-UNAVAILABLE = (
-    rx.ConnectionError,
-    rx.TimeoutError,
-    rx.ClusterError,
-    rx.RedisClusterException,
-    rx.TryAgainError,
-    rx.MasterDownError,
-    rx.ReadOnlyError,
-    rx.NoPermissionError,
-    rx.AuthenticationError,
-    rx.AuthorizationError,
-    rx.BusyLoadingError,
-    rx.AskError,  # MOVED or ASK still, after retries: the slots are moving
-    ReplicasBehind,
-    Unreplicated,
-)
 
 
 # One atomic step on one key, in one round trip (a MULTI/EXEC pipeline measured twice as

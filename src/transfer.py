@@ -8,8 +8,9 @@ from werkzeug.exceptions import RequestEntityTooLarge, RequestTimeout
 
 import errors
 from bulk_merge import Pending, merge_many
+from database import UNAVAILABLE
 from representation import dumps
-from storage import UNAVAILABLE, NotACustomer, TooManyFields, valid_id
+from storage import NotACustomer, TooManyFields, valid_id
 from validation import ID_RULE, Invalid, check_fields, parse_object
 
 log = logging.getLogger(__name__)

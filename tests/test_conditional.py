@@ -187,7 +187,8 @@ def test_concurrent_writers_using_if_match_lose_no_update(app):
 
 
 def test_a_write_whose_customer_keeps_changing_gives_up_as_unavailable(redis_client):
-    from storage import UNAVAILABLE, WATCH_ATTEMPTS, Contended, CustomerStore
+    from database import UNAVAILABLE
+    from storage import WATCH_ATTEMPTS, Contended, CustomerStore
 
     store = CustomerStore(redis_client)
     store.merge("1", {"n": 0})

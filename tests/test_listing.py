@@ -247,27 +247,31 @@ def test_a_cursor_from_before_a_failover_is_410_never_500(failover_cluster):
     url = next_link(first)
     killed = node_of(failover_cluster, topology(redis_client)[1][0])
     failover_cluster.kill(killed)
-    statuses = []
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        response = client.get(url)
-        statuses.append(response.status_code)
-        if response.status_code != 503:
-            break
-        time.sleep(0.2)
-    # 503 while the replica takes over, then 410: never 500, never a page from the wrong node.
-    assert set(statuses[:-1]) <= {503} and statuses[-1] == 410, statuses
-    assert "start again without a cursor" in response.get_json()["message"]
-    # A new listing works once the cluster has settled: 503s on the way, never a 500.
-    statuses = []
-    while time.monotonic() < deadline + 30:
-        statuses.append(client.get("/customers?limit=1000").status_code)
-        if statuses[-1] != 503:
-            break
-        time.sleep(0.2)
-    assert set(statuses[:-1]) <= {503} and statuses[-1] == 200, statuses
-    redis_client.close()
-    failover_cluster.start_node(killed)
+    try:
+        statuses = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            response = client.get(url)
+            statuses.append(response.status_code)
+            if response.status_code != 503:
+                break
+            time.sleep(0.2)
+        # 503 while the replica takes over, then 410: never 500, never a page from the wrong
+        # node.
+        assert set(statuses[:-1]) <= {503} and statuses[-1] == 410, statuses
+        assert "start again without a cursor" in response.get_json()["message"]
+        # A new listing works once the cluster has settled: 503s on the way, never a 500.
+        statuses = []
+        while time.monotonic() < deadline + 30:
+            statuses.append(client.get("/customers?limit=1000").status_code)
+            if statuses[-1] != 503:
+                break
+            time.sleep(0.2)
+        assert set(statuses[:-1]) <= {503} and statuses[-1] == 200, statuses
+    finally:
+        redis_client.close()
+        failover_cluster.start_node(killed)
+        failover_cluster.wait_ok()
 
 
 @pytest.mark.cluster
@@ -287,11 +291,13 @@ def test_a_walk_interrupted_by_a_failover_resumes_without_duplicates(failover_cl
     listed = [customer["id"] for customer in next(batches)]
     killed = node_of(failover_cluster, primaries[0])
     failover_cluster.kill(killed)
-    listed += [customer["id"] for batch in batches for customer in batch]
+    try:
+        listed += [customer["id"] for batch in batches for customer in batch]
+    finally:
+        redis_client.close()
+        failover_cluster.start_node(killed)
     assert len(listed) == len(set(listed))
     assert set(listed) == stored
-    redis_client.close()
-    failover_cluster.start_node(killed)
 
 
 def test_streaming_keeps_integers_beyond_64_bits(client):
