@@ -32,9 +32,10 @@ log = logging.getLogger(__name__)
 SCAN_COUNT = 250
 MATCH = KEY_PREFIX + "*"
 CURSOR_VERSION = 2
-# A cursor must fit in a URL (granian answers 414 beyond 64 KB), with room to spare.
-MAX_CURSOR_LENGTH = 8192
-MAX_PENDING_BYTES = 3000
+# A cursor must fit in a URL (granian answers 414 beyond 64 KB) even percent-encoded, as a
+# client's wrong one may be (4,096 characters of 4 UTF-8 bytes, 12 characters each: 48 KB).
+MAX_CURSOR_LENGTH = 4096
+MAX_PENDING_BYTES = 2000
 RESUME_PAUSE_SECONDS = 0.5
 
 

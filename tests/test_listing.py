@@ -148,7 +148,7 @@ NESTED = "[" * 5000 + "]" * 5000
 @pytest.mark.parametrize("query", [
     "limit=0", "limit=-1", "limit=abc", "limit=1001", "limit=1e3", "limit=", "limit=%EF%BC%95",
     "cursor=", "cursor=nonsense", "cursor=%00%01", "limit=5&cursor=bm90IGpzb24",
-    "cursor=a.b.c", "cursor=" + "A" * 9000,
+    "cursor=a.b.c", "cursor=" + "A" * 5000,
     # Unsigned: a client's own JSON, however deep or large its numbers.
     "cursor=" + base64.urlsafe_b64encode(b'[2,"single",0,18446744073709551616,[]]').decode(),
     "cursor=" + base64.urlsafe_b64encode(NESTED.encode()).decode(),
@@ -335,7 +335,7 @@ def test_paging_customers_with_long_ids_keeps_every_link_short(client, redis_cli
         redis_client.hset(f"customer:{customer_id}", "n", "1")
     url, listed = "/customers?limit=7", []
     while url:
-        assert len(url) <= 8192
+        assert len(url) <= 4200
         response = client.get(url)
         assert response.status_code == 200
         listed += [customer["id"] for customer in response.get_json()]
