@@ -1,9 +1,16 @@
 """The slots that bound the requests running Python at once in a worker."""
 
+import io
+import json
 import threading
+import time
 
-from deadlines import Slots
+import fakeredis
+
+from deadlines import Deadlines, Slots
 from mixed_load import wait_until
+from server import create_app
+from settings import Config
 
 
 def test_a_freed_slot_goes_to_the_longest_waiter():
@@ -47,3 +54,53 @@ def test_slots_let_count_holders_in_at_once_and_no_more():
         thread.join(5)
     assert max(most) == 3
     assert len(most) == 5
+
+
+class Trickle:
+    """A request body that arrives a few bytes at a time, slowly."""
+
+    def __init__(self, body: bytes, piece: int, pause: float):
+        self.body, self.piece, self.pause = body, piece, pause
+
+    def read(self, size: int = -1) -> bytes:
+        time.sleep(self.pause)
+        size = self.piece if size < 0 else min(size, self.piece)
+        taken, self.body = self.body[:size], self.body[size:]
+        return taken
+
+
+def test_an_import_that_trickles_below_min_body_rate_is_408_saying_what_was_applied():
+    config = Config(min_body_rate=1000)
+    lines = b"".join(b'{"id": "c%d", "n": %d}\n' % (n, n) for n in range(400))
+    app = Deadlines(create_app(config, fakeredis.FakeRedis(decode_responses=True)), config)
+    environ = {"REQUEST_METHOD": "POST", "PATH_INFO": "/customers",
+               "CONTENT_TYPE": "application/x-ndjson", "CONTENT_LENGTH": str(len(lines)),
+               "wsgi.input": Trickle(lines, 2500, 0.0)}
+    # 2,500 bytes at once, then 50 bytes a second: under 1,000 once the grace is over.
+    status, body = run_wsgi(app, environ, slow_after=2500)
+    assert status.startswith("408")
+    assert body["message"].startswith("the import came too slowly (MIN_BODY_RATE): ")
+    assert "applied" in body["message"] or "created" in body["message"], body
+
+
+def run_wsgi(app, environ, slow_after: int):
+    """Call a WSGI app the way granian does; the body slows down after slow_after bytes."""
+    base = {"SERVER_NAME": "localhost", "SERVER_PORT": "80", "wsgi.url_scheme": "http",
+            "SERVER_PROTOCOL": "HTTP/1.1", "wsgi.errors": io.StringIO(), "QUERY_STRING": ""}
+    body = environ["wsgi.input"].body
+    environ["wsgi.input"] = Trickle(body[:slow_after], 2500, 0.0)
+    slow = Trickle(body[slow_after:], 50, 1.0)
+    fast = environ["wsgi.input"]
+
+    class Both:
+        def read(self, size=-1):
+            return fast.read(size) or slow.read(size)
+
+    environ["wsgi.input"] = Both()
+    answer = {}
+
+    def start_response(status, headers):
+        answer["status"] = status
+
+    chunks = b"".join(app({**base, **environ}, start_response))
+    return answer["status"], json.loads(chunks)
