@@ -262,7 +262,28 @@ class LocalCluster:
         if sig in (signal.SIGKILL, signal.SIGTERM):
             node.process.wait(15)
 
-    def stop(self) -> None:
+    def has_replica(self, node: Node) -> bool:
+        """Tell whether node is a primary with a replica in sync."""
+        replication = self.admin(node).info("replication")
+        return replication["role"] == "master" and any(
+            value.get("state") == "online" for name, value in replication.items()
+            if name.startswith("slave") and isinstance(value, dict))
+
+    def fail_over(self, victim: Node, successor: Node) -> tuple[float, float]:
+        """Kill -9 the primary victim, wait for successor to take over, start victim again as
+        its replica; return the seconds until the promotion and until the replica is in sync."""
+        from mixed_load import wait_until
+
+        killed = time.monotonic()
+        self.kill(victim)
+        wait_until(lambda: successor in self.primary_nodes())
+        self.wait_ok()
+        promoted = time.monotonic() - killed
+        self.start_node(victim)
+        wait_until(lambda: self.has_replica(successor))
+        return promoted, time.monotonic() - killed
+
+
         """Stop every node this cluster started."""
         for client in self._admins.values():
             client.close()

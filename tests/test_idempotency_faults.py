@@ -11,7 +11,6 @@ from http_client import call
 from local_cluster import LocalCluster
 from mixed_load import wait_until
 from service_process import ServiceProcess
-from test_faults import has_replica
 
 pytestmark = pytest.mark.cluster
 SERVICE = {"WORKERS": "1", "THREADS": "8", "DBTIMEOUT": "1", "DBRETRYSECONDS": "5",
@@ -125,13 +124,7 @@ def test_creates_retried_with_their_key_through_a_failover_make_one_customer_eac
         with ServiceProcess({**cluster.service_env(), **SERVICE}) as service:
             load = KeyedCreates(service.url).start()
             load.wait_for_created(100)
-            killed = time.monotonic()
-            cluster.kill(victim)
-            wait_until(lambda: promoted in cluster.primary_nodes())
-            cluster.wait_ok()
-            promoted_after = time.monotonic() - killed
-            cluster.start_node(victim)
-            wait_until(lambda: has_replica(cluster, promoted.port))
+            promoted_after, _ = cluster.fail_over(victim, promoted)
             load.wait_for_created(100)
             load.stop()
             listed = call(service.url + "/customers", timeout=60)[2]
