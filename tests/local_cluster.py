@@ -283,7 +283,7 @@ class LocalCluster:
         wait_until(lambda: self.has_replica(successor))
         return promoted, time.monotonic() - killed
 
-
+    def stop(self) -> None:
         """Stop every node this cluster started."""
         for client in self._admins.values():
             client.close()
