@@ -17,7 +17,6 @@ import api_contract
 import docs_page
 import errors
 import health
-import iam_auth
 import idempotency
 import listing
 import metrics
@@ -351,6 +350,9 @@ def database_client(config: Config, max_connections: int):
     """Connect to the database; with DBAUTH=iam, sign and renew IAM tokens in this process."""
     if config.db_auth != "iam":
         return connect(config, max_connections)
+    # botocore costs each process about 7 MB: loaded only where IAM tokens are signed.
+    import iam_auth
+
     provider = iam_auth.provider_for(config)
     client = connect(config, max_connections, credential_provider=provider)
     iam_auth.KeepAuthenticated(client, provider).start()
