@@ -17,10 +17,10 @@ from storage import (
     MERGE_SHA,
     NotACustomer,
     TooManyFields,
-    _refusal,
     customer_key,
     encode,
     flat,
+    refusal,
 )
 
 try:
@@ -89,8 +89,8 @@ class Pending:
                         # A node that restarted (no scripts yet) or a key that moved: that one
                         # alone, through the store, which loads the script or follows the move.
                         alone.append(at)
-                    elif "WRONGTYPE" in str(reply) or str(reply).startswith("TOOMANYFIELDS"):
-                        results[at] = _refusal(self.items[at][0], reply)
+                    elif (refused := refusal(self.items[at][0], reply)) is not reply:
+                        results[at] = refused  # another program's key, or too many fields
                     else:
                         failure = failure or reply
                 if self.store.wait_replicas:
@@ -108,8 +108,8 @@ class Pending:
         for at in alone:
             try:
                 results[at] = self.store.merge(*self.items[at])
-            except (NotACustomer, TooManyFields) as refusal:
-                results[at] = refusal
+            except (NotACustomer, TooManyFields) as refused:
+                results[at] = refused
         return results
 
     def close(self) -> None:

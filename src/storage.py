@@ -287,7 +287,7 @@ class CustomerStore:
             return run_script(self.redis, SCRIPTS[sha], sha, (customer_key(customer_id),), args,
                               self.wait_replicas, self.wait_timeout)
         except rx.ResponseError as error:
-            raise _refusal(customer_id, error) from None
+            raise refusal(customer_id, error) from None
 
     @retried
     def get(self, customer_id: str) -> dict | None:
@@ -296,7 +296,7 @@ class CustomerStore:
         try:
             raw = on_primary(self.redis, key, "HGETALL", key)
         except rx.ResponseError as error:
-            raise _refusal(customer_id, error) from None
+            raise refusal(customer_id, error) from None
         return decode(customer_id, raw) if raw else None
 
     def create(self, fields: dict) -> dict:
@@ -342,7 +342,7 @@ class CustomerStore:
                 try:
                     raw = pipe.hgetall(key)
                 except rx.ResponseError as error:
-                    raise _refusal(customer_id, error) from None
+                    raise refusal(customer_id, error) from None
                 current = decode(customer_id, raw) if raw else None
                 commands = plan(current)
                 if not commands:
@@ -355,7 +355,7 @@ class CustomerStore:
                     continue  # another writer changed the customer after WATCH: read again
                 for reply in replies:
                     if isinstance(reply, rx.ResponseError):
-                        raise _refusal(customer_id, reply)
+                        raise refusal(customer_id, reply)
                     if isinstance(reply, Exception):
                         raise reply
                 if self.wait_replicas:
@@ -418,8 +418,9 @@ class CustomerStore:
         self._script(customer_id, DELETE_SHA)
 
 
-def _refusal(customer_id: str, error: rx.ResponseError) -> Exception:
-    """Return the domain error a Redis error reply about a customer's key stands for."""
+def refusal(customer_id: str, error: rx.ResponseError) -> Exception:
+    """Return the domain error a Redis error reply about a customer's key stands for, or the
+    error itself when it stands for none."""
     if is_wrongtype(error):
         return NotACustomer(customer_id)
     if str(error).startswith("TOOMANYFIELDS"):
