@@ -371,17 +371,18 @@ def on_primary(redis, key: str, *command):
 
 
 def run_script(redis, script: str, sha: str, keys: tuple, args: tuple, replicas: int = 0,
-               timeout: float = 1.0):
+               timeout: float = 1.0, wrote=None):
     """EVALSHA script on the primary of keys[0] (all in its slot), then WAIT if replicas.
 
     A node that restarted, was promoted or was added has no scripts yet: the script is loaded
-    there and run once more.
+    there and run once more. wrote(result), when given, tells whether the script wrote: a
+    result that wrote nothing needs no replica's confirmation.
     """
     command = ("EVALSHA", sha, len(keys), *keys, *args)
     for attempt in range(2):
         try:
             if replicas:
-                return write_and_wait(redis, keys[0], [command], replicas, timeout)[0]
+                return write_and_wait(redis, keys[0], [command], replicas, timeout, wrote)[0]
             return on_primary(redis, keys[0], *command)
         except rx.NoScriptError:
             if attempt:
@@ -390,8 +391,10 @@ def run_script(redis, script: str, sha: str, keys: tuple, args: tuple, replicas:
     raise AssertionError("unreachable")
 
 
-def write_and_wait(redis, key: str, commands: list, replicas: int, timeout: float) -> list:
-    """Apply commands on key in one MULTI/EXEC, then WAIT on the same connection for replicas."""
+def write_and_wait(redis, key: str, commands: list, replicas: int, timeout: float,
+                   wrote=None) -> list:
+    """Apply commands on key in one MULTI/EXEC, then WAIT on the same connection for replicas
+    (unless wrote(results) says that they wrote nothing)."""
     pipe = primary_of(redis, key).pipeline(transaction=False)
     # WAIT counts the writes of its own connection, so it must follow them on one connection;
     # redis-py's cluster client would send a bare WAIT to an arbitrary node.
@@ -404,6 +407,6 @@ def write_and_wait(redis, key: str, commands: list, replicas: int, timeout: floa
     for result in results:
         if isinstance(result, Exception):
             raise result
-    if acknowledged < replicas:
+    if acknowledged < replicas and (wrote is None or wrote(results)):
         raise ReplicasBehind(f"{acknowledged} of {replicas} replicas confirmed the write to {key}")
     return results

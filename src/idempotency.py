@@ -7,13 +7,20 @@ The customer's id is a uuid4 whose last four hex digits are chosen so that its k
 and writes both, or neither, so no crash or failover can leave one without the other, and
 with DBWAITREPLICAS one WAIT covers both. The id is drawn before the first attempt, so a
 retry after a lost reply finds the record naming its own id: the same create, not a repeat.
+
+With DBWAITREPLICAS a create is still in progress after its script, until the replicas confirm
+it: the record then carries a lease (`pending`, a deadline in ms) that the create removes once
+answered. A repeat that finds an unexpired lease answers 409; a lease left by a request that died
+expires, and repeats then replay (each repeat waits for the replicas itself).
 """
 
 import binascii
 import hashlib
 import itertools
 import json
+import logging
 import re
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -21,10 +28,12 @@ import orjson
 from redis import exceptions as rx
 from redis.crc import key_slot
 
-from database import retried, run_script
+from database import UNAVAILABLE, retried, run_script
 from representation import dumps
 from storage import KEY_PREFIX as CUSTOMER_PREFIX
 from storage import customer_key, encode, flat, is_wrongtype
+
+log = logging.getLogger(__name__)
 
 KEY_PREFIX = "idempotency:"
 HEADER = "Idempotency-Key"
@@ -40,27 +49,44 @@ for _digits in itertools.product(b"0123456789abcdef", repeat=4):
 MAX_DRAWS = 200
 
 # KEYS: the record, the customer (one slot). ARGV: fingerprint, customer id, customer JSON,
-# time to live (ms), then the customer's name/value pairs. Returns {'created'|'done', id,
-# customer JSON} or {'mismatch'}. A replay writes too, so that its WAIT covers the first.
+# time to live (ms), the caller's clock (ms), the lease's deadline (ms; 0: none), then the
+# customer's name/value pairs. Returns {'created'|'done', id, customer JSON}, {'mismatch'} or
+# {'busy'} (another request's create holds an unexpired lease). A replay writes too, so that
+# its WAIT covers the first. The clocks compared are the services' own: a skew between hosts
+# only moves when a repeat stops answering 409 and replays, never what it replays.
 CREATE_SCRIPT = """
-local record = redis.call('HMGET', KEYS[1], 'fingerprint', 'id', 'customer')
+local record = redis.call('HMGET', KEYS[1], 'fingerprint', 'id', 'customer', 'pending')
 if record[1] then
   if record[1] ~= ARGV[1] then return {'mismatch'} end
+  if record[2] ~= ARGV[2] and record[4] and tonumber(record[4]) > tonumber(ARGV[5]) then
+    return {'busy'}
+  end
   redis.call('HSET', KEYS[1], 'replayed', '1')
   return {'done', record[2], record[3]}
 end
-for first = 5, #ARGV, 1000 do
+for first = 7, #ARGV, 1000 do
   redis.call('HSET', KEYS[2], unpack(ARGV, first, math.min(first + 999, #ARGV)))
 end
 redis.call('HSET', KEYS[1], 'fingerprint', ARGV[1], 'id', ARGV[2], 'customer', ARGV[3])
+if ARGV[6] ~= '0' then redis.call('HSET', KEYS[1], 'pending', ARGV[6]) end
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return {'created', ARGV[2], ARGV[3]}
 """
 CREATE_SHA = hashlib.sha1(CREATE_SCRIPT.encode()).hexdigest()
+# KEYS: the record. ARGV: the customer id of the create that ends. Removes its lease.
+RELEASE_SCRIPT = """
+if redis.call('HGET', KEYS[1], 'id') ~= ARGV[1] then return 0 end
+return redis.call('HDEL', KEYS[1], 'pending')
+"""
+RELEASE_SHA = hashlib.sha1(RELEASE_SCRIPT.encode()).hexdigest()
 
 
 class KeyReused(Exception):
     """The key was first sent with another body."""
+
+
+class InProgress(Exception):
+    """A create with the key is still waiting for the replicas to confirm it."""
 
 
 class NotARecord(Exception):
@@ -106,6 +132,11 @@ def id_in_slot(slot: int) -> str:
     raise RuntimeError(f"no id found for slot {slot}")  # 0.2 ** 200: never
 
 
+def _wrote(results: list) -> bool:
+    """Tell whether CREATE_SCRIPT wrote (a create or a replay), so that WAIT must confirm it."""
+    return results[0][0] in ("created", "done")
+
+
 class IdempotentCreates:
     """Create customers in a CustomerStore's database, once per Idempotency-Key."""
 
@@ -116,30 +147,50 @@ class IdempotentCreates:
         self.wait_replicas = store.wait_replicas
         self.wait_timeout = store.wait_timeout
         self.ttl_ms = int(ttl_seconds * 1000)
+        # As long as a create may take: its retries, then one last WAIT, and a second to answer.
+        self.lease_ms = int((store.retry_seconds + store.wait_timeout + 1) * 1000)
 
     def create(self, key: str, fields: dict) -> Created:
         """Create a customer from fields unless the key's record names one; raise KeyReused
-        (another body) or NotARecord."""
+        (another body), InProgress or NotARecord."""
         record = record_key(key)
         # Drawn once, outside the retries: a retry after a lost reply finds its own id.
         customer_id = id_in_slot(key_slot(record.encode()))
         customer = dumps({"id": customer_id, **fields}).decode()
         to_set, _ = encode(fields)
-        outcome = self._create(record, customer_key(customer_id), fingerprint(fields),
-                               customer_id, customer, flat(to_set))
+        now = int(time.time() * 1000)
+        lease = now + self.lease_ms if self.wait_replicas else 0
+        outcome = None
+        try:
+            outcome = self._create(record, customer_key(customer_id), fingerprint(fields),
+                                   customer_id, customer, now, lease, flat(to_set))
+        finally:
+            # Answered, or failed not knowing whether it wrote: either way no longer in progress.
+            if lease and (outcome is None or outcome[1:2] == [customer_id]):
+                self._release(record, customer_id)
         if outcome[0] == "mismatch":
             raise KeyReused(key)
+        if outcome[0] == "busy":
+            raise InProgress(key)
         return Created(outcome[1], outcome[2], replayed=outcome[1] != customer_id)
 
     @retried
     def _create(self, record: str, key: str, fingerprint: str, customer_id: str,
-                customer: str, pairs: list) -> list:
+                customer: str, now: int, lease: int, pairs: list) -> list:
         """Run CREATE_SCRIPT on the record and the customer's key, then WAIT if configured."""
         try:
             return run_script(self.redis, CREATE_SCRIPT, CREATE_SHA, (record, key),
-                              (fingerprint, customer_id, customer, self.ttl_ms, *pairs),
-                              self.wait_replicas, self.wait_timeout)
+                              (fingerprint, customer_id, customer, self.ttl_ms, now, lease,
+                               *pairs),
+                              self.wait_replicas, self.wait_timeout, wrote=_wrote)
         except rx.ResponseError as error:
             if is_wrongtype(error):
                 raise NotARecord(record) from None
             raise
+
+    def _release(self, record: str, customer_id: str) -> None:
+        """Remove the lease of a create that is answered; an unreachable database lets it expire."""
+        try:
+            run_script(self.redis, RELEASE_SCRIPT, RELEASE_SHA, (record,), (customer_id,))
+        except UNAVAILABLE + (rx.ResponseError,) as error:
+            log.warning("could not end the lease of %s (%s); it expires by itself", record, error)

@@ -158,6 +158,10 @@ def idempotent_post(creates: idempotency.IdempotentCreates, key: str) -> Respons
     except idempotency.KeyReused:
         errors.fail(422, f"this {idempotency.HEADER} was first sent with another body; "
                          "use a new key for another customer")
+    except idempotency.InProgress:
+        errors.fail(409, f"a request with this {idempotency.HEADER} is still being processed "
+                         "(waiting for the replicas); retry it later",
+                    {"Retry-After": str(errors.RETRY_AFTER_SECONDS)})
     except idempotency.NotARecord:
         errors.fail(409, f"the record of this {idempotency.HEADER} holds something that is not "
                          "a record (not a hash); it is left as it is")

@@ -1,6 +1,8 @@
 """POST /customers with an Idempotency-Key creates one customer per key, whatever repeats it."""
 
+import signal
 import threading
+import time
 import uuid
 
 import pytest
@@ -10,11 +12,12 @@ from redis.crc import key_slot
 from conftest import cluster_config
 from database import connect, retried
 from http_client import call
-from idempotency import SLOTS, Created, IdempotentCreates, id_in_slot, record_key
+from idempotency import SLOTS, Created, IdempotentCreates, fingerprint, id_in_slot, record_key
+from mixed_load import wait_until
 from server import create_app
 from service_process import ServiceProcess
 from settings import ConfigError, load_config
-from storage import CustomerStore
+from storage import CustomerStore, customer_key, encode, flat
 
 ANN = {"name": "Ann", "balance": 75, "vip": True}
 DAY_MS = 86400 * 1000
@@ -151,6 +154,84 @@ def test_a_record_key_holding_another_type_is_409_and_left_as_it_is(client, redi
     assert redis_client.lrange(record_key("order-7"), 0, -1) == ["theirs"]
 
 
+def died_after_its_script(redis_client, key: str, fields: dict, lease_ms: int) -> str:
+    """Leave the state of a create with DBWAITREPLICAS whose process died before it answered:
+    the record and customer written, with a lease ending lease_ms from now; return the id."""
+    creates = IdempotentCreates(CustomerStore(redis_client), 86400)
+    record = record_key(key)
+    customer_id = id_in_slot(key_slot(record.encode()))
+    customer = f'{{"id": "{customer_id}", "name": "Ann"}}'
+    now = int(time.time() * 1000)
+    IdempotentCreates._create.__wrapped__(
+        creates, record, customer_key(customer_id), fingerprint(fields), customer_id, customer,
+        now, now + lease_ms, flat(encode(fields)[0]))
+    return customer_id
+
+
+def test_a_repeat_while_the_first_is_in_progress_is_409_until_its_lease_ends(
+        client, redis_client, stored_keys):
+    waiting = died_after_its_script(redis_client, "in-progress", {"name": "Ann"}, 60_000)
+    repeat = post(client, {"name": "Ann"}, key="in-progress")
+    assert repeat.status_code == 409
+    assert repeat.headers["Retry-After"] == "2"
+    assert "still being processed" in repeat.get_json()["message"]
+    assert customers(stored_keys) == [f"customer:{waiting}"]
+    # Another body is still told apart first: 422, whatever the state of the first.
+    assert post(client, {"name": "Bob"}, key="in-progress").status_code == 422
+
+    # The lease of a request that died ends: repeats replay what it created.
+    died = died_after_its_script(redis_client, "died", {"name": "Ann"}, -1)
+    replay = post(client, {"name": "Ann"}, key="died")
+    assert replay.status_code == 201 and replay.headers["Idempotent-Replayed"] == "true"
+    assert replay.get_json() == {"id": died, "name": "Ann"}
+    assert sorted(customers(stored_keys)) == sorted([f"customer:{waiting}", f"customer:{died}"])
+
+
+@pytest.mark.cluster
+def test_a_repeat_while_the_first_waits_for_its_replica_is_409_and_one_customer_is_made(
+        memorydb_cluster):
+    memorydb_cluster.flush()
+    # Two services on one database: the first waits up to 10 s for the replica, the second
+    # (the repeat's) 0.5 s, so that the repeat is answered while the first still waits.
+    patient, hasty = (cluster_config(memorydb_cluster, db_wait_replicas=1, db_timeout=seconds)
+                      for seconds in (20.0, 1.0))
+    database, other_database = connect(patient), connect(hasty)
+    app, other = create_app(patient, database), create_app(hasty, other_database)
+    # A keyed create first, so that the primary has the script before its replica is paused.
+    assert post(other.test_client(), {"warm": 1}, key="another").status_code == 201
+    record = record_key("paused-replica")
+    primary = next(node for node in memorydb_cluster.nodes
+                   if node.port == database.get_node_from_key(record).port)
+    admin = memorydb_cluster.admin(primary)
+    replica_port = admin.info("replication")["slave0"]["port"]
+    replica = next(node for node in memorydb_cluster.nodes if node.port == replica_port)
+    answers = []
+    first = threading.Thread(target=lambda: answers.append(
+        post(app.test_client(), ANN, key="paused-replica")))
+    memorydb_cluster.kill(replica, signal.SIGSTOP)
+    try:
+        first.start()
+        wait_until(lambda: admin.hget(record, "pending") is not None)
+        repeat = post(other.test_client(), ANN, key="paused-replica")
+    finally:
+        memorydb_cluster.kill(replica, signal.SIGCONT)
+    first.join(30)
+    try:
+        assert repeat.status_code == 409 and repeat.headers["Retry-After"] == "2"
+        assert answers[0].status_code == 201
+        assert "Idempotent-Replayed" not in answers[0].headers
+        assert admin.hget(record, "pending") is None  # the first ended its lease
+        again = post(other.test_client(), ANN, key="paused-replica")
+        assert again.status_code == 201 and again.headers["Idempotent-Replayed"] == "true"
+        assert again.get_json() == answers[0].get_json()
+        listed = app.test_client().get("/customers").get_json()
+        assert [one for one in listed if "warm" not in one] == [answers[0].get_json()]
+    finally:
+        admin.close()
+        database.close()
+        other_database.close()
+
+
 @pytest.mark.cluster
 def test_the_least_privilege_user_creates_once_with_dbwaitreplicas(memorydb_cluster):
     memorydb_cluster.flush()
@@ -169,9 +250,13 @@ def test_the_least_privilege_user_creates_once_with_dbwaitreplicas(memorydb_clus
 
 
 @pytest.mark.cluster
-def test_twenty_concurrent_requests_with_one_key_create_one_customer(redis_cluster):
-    redis_cluster.flush()
-    env = {**redis_cluster.service_env(), "WORKERS": "2", "THREADS": "8"}
+@pytest.mark.parametrize("cluster", ["redis_cluster", "memorydb_cluster"])
+def test_twenty_concurrent_requests_with_one_key_create_one_customer(request, cluster):
+    cluster = request.getfixturevalue(cluster)
+    cluster.flush()
+    # With replicas the service waits for them: a repeat in that wait is a 409, never a create.
+    env = {**cluster.service_env(), "WORKERS": "2", "THREADS": "8",
+           "DBWAITREPLICAS": "1" if cluster.replicas else "0"}
     start, answers = threading.Barrier(20), []
 
     def send():
@@ -186,11 +271,13 @@ def test_twenty_concurrent_requests_with_one_key_create_one_customer(redis_clust
         for sender in senders:
             sender.join(60)
         listed = call(service.url + "/customers")[2]
-    assert [status for status, _, _ in answers] == [201] * 20
-    assert len({body["id"] for _, _, body in answers}) == 1
-    assert sorted(headers.get("Idempotent-Replayed", "no") for _, headers, _ in answers) == [
-        "no"] + ["true"] * 19
-    assert len(listed) == 1 and listed[0]["id"] == answers[0][2]["id"]
+    created = [(headers, body) for status, headers, body in answers if status == 201]
+    busy = [status for status, _, _ in answers if status == 409]
+    assert len(created) + len(busy) == 20 and (busy == [] or cluster.replicas)
+    assert len({body["id"] for _, body in created}) == 1
+    assert sorted(headers.get("Idempotent-Replayed", "no") for headers, _ in created) == [
+        "no"] + ["true"] * (len(created) - 1)
+    assert len(listed) == 1 and listed[0]["id"] == created[0][1]["id"]
 
 
 @pytest.mark.parametrize(("value", "seconds"), [(None, 86400), ("60", 60), ("31536000", 31536000)])
