@@ -15,6 +15,9 @@ from collections import deque
 from flask import json
 from werkzeug.exceptions import RequestTimeout
 
+import request_log
+from errors import RETRY_AFTER_SECONDS
+
 log = logging.getLogger(__name__)
 # Answered without a slot: the liveness check, which must answer while the database hangs.
 UNQUEUED_PATHS = frozenset({"/healthz"})
@@ -25,6 +28,9 @@ BODY_GRACE_SECONDS = 2.0
 READS_PER_SECOND = 10
 LARGEST_READ = 64 * 1024
 STREAM_SLOTS = 1
+# Imports running at once in a worker. An import keeps its slot while its body arrives, and at
+# MIN_BODY_RATE a body of MAX_IMPORT_BYTES takes days: more imports could hold every slot.
+IMPORTS_PER_WORKER = 1
 _END = object()
 
 
@@ -54,6 +60,11 @@ class Slots:
                 self._free += 1
 
 
+def _request_id(environ) -> tuple:
+    """Return the X-Request-ID header of an answer given before the app (408, 429)."""
+    return request_log.HEADER, request_log.request_id(environ.get("HTTP_X_REQUEST_ID", ""))
+
+
 def _expects_body(environ) -> bool:
     length = environ.get("CONTENT_LENGTH", "")
     chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
@@ -70,22 +81,35 @@ class Deadlines:
         # Streamed lists make their chunks one at a time in a worker: many lists at once (slow
         # readers reconnecting) would otherwise keep every slot and the GIL from short requests.
         self.stream_slots = Slots(STREAM_SLOTS)
+        self.imports = threading.BoundedSemaphore(IMPORTS_PER_WORKER)
 
     def __call__(self, environ, start_response):
         if environ.get("PATH_INFO") in UNQUEUED_PATHS:
             # Never waits behind requests that wait on the database: it never asks it.
             return self.app(environ, start_response)
         streamed = environ.get("CONTENT_TYPE", "").split(";")[0].strip() in STREAMED_BODIES
+        if streamed and _expects_body(environ):
+            if not self.imports.acquire(blocking=False):
+                return self._busy(environ, start_response)
+            environ["wsgi.input"] = PacedInput(environ, self.config)
+            try:
+                return self._run(environ, start_response)
+            finally:
+                self.imports.release()
         if streamed:
             environ["wsgi.input"] = PacedInput(environ, self.config)
         elif _expects_body(environ):
             body = self._read_body(environ)
             if body is None:
-                return self._too_slow(start_response)
+                return self._too_slow(environ, start_response)
             environ["wsgi.input"] = io.BytesIO(body)
             if environ.pop("HTTP_TRANSFER_ENCODING", None):
                 # A chunked body, now read whole: over MAX_BODY_BYTES it gets 413 as any other.
                 environ["CONTENT_LENGTH"] = str(len(body))
+        return self._run(environ, start_response)
+
+    def _run(self, environ, start_response):
+        """Call the app in a slot; a streamed response makes each chunk in one."""
         with self.slots:
             result = self.app(environ, start_response)
             if not environ.get("customers.streamed"):
@@ -111,10 +135,20 @@ class Deadlines:
             return None
 
 
-    def _too_slow(self, start_response):
+    def _too_slow(self, environ, start_response):
         body = json.dumps({"message": "the request body came too slowly; send it faster"})
         start_response("408 Request Timeout", [("Content-Type", "application/json"),
-                                               ("Connection", "close")])
+                                               ("Connection", "close"), _request_id(environ)])
+        return [body.encode() + b"\n"]
+
+    def _busy(self, environ, start_response):
+        body = json.dumps({"message": f"imports run {IMPORTS_PER_WORKER} at a time in each "
+                                      "worker and one is running; send this one again shortly"})
+        # The body is left unread: the connection cannot carry another request.
+        start_response("429 Too Many Requests", [("Content-Type", "application/json"),
+                                                 ("Retry-After", str(RETRY_AFTER_SECONDS)),
+                                                 ("Connection", "close"),
+                                                 _request_id(environ)])
         return [body.encode() + b"\n"]
 
     def _stream(self, result, environ):

@@ -50,10 +50,14 @@ def _printable(text: str) -> str:
     return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
 
+def request_id(sent: str) -> str:
+    """Return the client's request id if it is short and plain, else a new one."""
+    return sent if CLIENT_ID.fullmatch(sent) else uuid.uuid4().hex
+
+
 def _start():
     g.started = time.perf_counter()
-    sent = request.headers.get(HEADER, "")
-    g.request_id = sent if CLIENT_ID.fullmatch(sent) else uuid.uuid4().hex
+    g.request_id = request_id(request.headers.get(HEADER, ""))
 
 
 def _finish(response):

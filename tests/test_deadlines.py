@@ -104,3 +104,57 @@ def run_wsgi(app, environ, slow_after: int):
 
     chunks = b"".join(app({**base, **environ}, start_response))
     return answer["status"], json.loads(chunks)
+
+
+class Gate:
+    """A request body that waits at a gate before its last byte."""
+
+    def __init__(self, body: bytes):
+        self.body, self.opened, self.waiting = body, threading.Event(), threading.Event()
+
+    def read(self, size: int = -1) -> bytes:
+        if len(self.body) <= 1:
+            self.waiting.set()
+            self.opened.wait(10)
+        # All but the last byte at first; the last one once the gate opens.
+        count = max(1, len(self.body) - 1) if size < 0 else min(size, max(1, len(self.body) - 1))
+        taken, self.body = self.body[:count], self.body[count:]
+        return taken
+
+
+def test_a_second_import_in_one_worker_is_429_while_others_are_served():
+    config = Config()
+    app = Deadlines(create_app(config, fakeredis.FakeRedis(decode_responses=True)), config)
+    base = {"SERVER_NAME": "localhost", "SERVER_PORT": "80", "wsgi.url_scheme": "http",
+            "SERVER_PROTOCOL": "HTTP/1.1", "wsgi.errors": io.StringIO(), "QUERY_STRING": ""}
+    line = b'{"id": "first", "n": 1}\n'
+    first = Gate(line)
+    answers = {}
+
+    def call(name, environ):
+        def start_response(status, headers):
+            answers[name] = (status, dict(headers))
+        answers[name + " body"] = json.loads(b"".join(app({**base, **environ}, start_response)))
+
+    def importing(body, name):
+        call(name, {"REQUEST_METHOD": "POST", "PATH_INFO": "/customers",
+                    "CONTENT_TYPE": "application/x-ndjson", "CONTENT_LENGTH": str(len(line)),
+                    "wsgi.input": body})
+
+    running = threading.Thread(target=importing, args=(first, "first"))
+    running.start()
+    assert first.waiting.wait(10)
+    importing(io.BytesIO(line.replace(b"first", b"second")), "second")
+    call("get", {"REQUEST_METHOD": "GET", "PATH_INFO": "/customers/nobody"})
+    first.opened.set()
+    running.join(10)
+    importing(io.BytesIO(line.replace(b"first", b"third")), "third")
+
+    status, headers = answers["second"]
+    assert status == "429 Too Many Requests"
+    assert headers["Retry-After"] == "2" and headers["Connection"] == "close"
+    assert len(headers["X-Request-ID"]) == 32
+    assert answers["second body"]["message"].startswith("imports run 1 at a time in each worker")
+    assert answers["get"][0].startswith("404")  # a slot was free for everyone else
+    assert answers["first"][0] == answers["third"][0] == "200 OK"
+    assert answers["first body"]["created"] == answers["third body"]["created"] == 1

@@ -3,6 +3,7 @@
 import http.client
 import io
 import json
+import socket
 import threading
 import time
 import uuid
@@ -275,6 +276,29 @@ def test_an_import_larger_than_max_body_bytes_streams_through_the_real_service(r
         connection.close()
         status, _, customer = call(f"{service.url}/customers/c4999")
         assert (status, customer) == (200, {"id": "c4999", "name": "Customer 4999", "n": 4999})
+
+        # One import at a time in a worker: a second, while the first's body still comes, is
+        # 429 at once, and the worker serves everything else meanwhile.
+        held = lines({"id": "held", "n": 1})
+        first = socket.create_connection(("127.0.0.1", service.port), timeout=10)
+        first.sendall(b"POST /customers HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                      b"application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\r\n"
+                      + b"%x\r\n" % len(held) + held + b"\r\n")
+        time.sleep(0.5)  # nothing outside the worker tells that it is reading the body
+        connection = http.client.HTTPConnection("127.0.0.1", service.port, timeout=10)
+        connection.request("POST", "/customers", lines({"id": "refused"}), NDJSON_IN)
+        response = connection.getresponse()
+        answer = json.loads(response.read())
+        connection.close()
+        assert (response.status, response.getheader("Retry-After")) == (429, "2"), answer
+        assert answer["message"].startswith("imports run 1 at a time in each worker")
+        assert call(f"{service.url}/customers/c1")[0] == 200
+        first.sendall(b"0\r\n\r\n")
+        reply = first.recv(4096)
+        first.close()
+        assert reply.startswith(b"HTTP/1.1 200") and b'"created":1' in reply, reply
+        assert call(f"{service.url}/customers/refused")[0] == 404
+        assert call(f"{service.url}/customers/held")[2] == {"id": "held", "n": 1}
 
 
 @pytest.mark.cluster
