@@ -58,9 +58,8 @@ CREATE_SCRIPT = """
 local record = redis.call('HMGET', KEYS[1], 'fingerprint', 'id', 'customer', 'pending')
 if record[1] then
   if record[1] ~= ARGV[1] then return {'mismatch'} end
-  if record[2] ~= ARGV[2] and record[4] and tonumber(record[4]) > tonumber(ARGV[5]) then
-    return {'busy'}
-  end
+  local lease = tonumber(record[4])
+  if record[2] ~= ARGV[2] and lease and lease > tonumber(ARGV[5]) then return {'busy'} end
   redis.call('HSET', KEYS[1], 'replayed', '1')
   return {'done', record[2], record[3]}
 end

@@ -186,6 +186,10 @@ def test_a_repeat_while_the_first_is_in_progress_is_409_until_its_lease_ends(
     assert replay.get_json() == {"id": died, "name": "Ann"}
     assert sorted(customers(stored_keys)) == sorted([f"customer:{waiting}", f"customer:{died}"])
 
+    # A lease that is not a number (another program wrote it) is no lease.
+    redis_client.hset(record_key("died"), "pending", "soon")
+    assert post(client, {"name": "Ann"}, key="died").status_code == 201
+
 
 @pytest.mark.cluster
 def test_a_repeat_while_the_first_waits_for_its_replica_is_409_and_one_customer_is_made(
