@@ -171,6 +171,8 @@ class IdempotentCreates:
             raise KeyReused(key)
         if outcome[0] == "busy":
             raise InProgress(key)
+        if len(outcome) < 3:  # a hash with the fingerprint but no id or customer: not ours
+            raise NotARecord(record)
         return Created(outcome[1], outcome[2], replayed=outcome[1] != customer_id)
 
     @retried

@@ -152,6 +152,9 @@ def test_a_record_key_holding_another_type_is_409_and_left_as_it_is(client, redi
     assert response.status_code == 409
     assert "not a record" in response.get_json()["message"]
     assert redis_client.lrange(record_key("order-7"), 0, -1) == ["theirs"]
+    # A hash with the body's fingerprint but not the rest of a record: not one either.
+    redis_client.hset(record_key("order-8"), "fingerprint", fingerprint(ANN))
+    assert post(client, ANN, key="order-8").status_code == 409
 
 
 def died_after_its_script(redis_client, key: str, fields: dict, lease_ms: int) -> str:
