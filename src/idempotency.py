@@ -50,8 +50,9 @@ MAX_DRAWS = 200
 
 # KEYS: the record, the customer (one slot). ARGV: fingerprint, customer id, customer JSON,
 # time to live (ms), the caller's clock (ms), the lease's deadline (ms; 0: none), then the
-# customer's name/value pairs. Returns {'created'|'done', id, customer JSON}, {'mismatch'} or
-# {'busy'} (another request's create holds an unexpired lease). A replay writes too, so that
+# customer's name/value pairs. Returns {'created'|'done', id, customer JSON}, {'mismatch'},
+# {'busy'} (another request's create holds an unexpired lease) or {'foreign'} (a hash that is
+# not a record: another program's). A replay writes too, so that
 # its WAIT covers the first. The clocks compared are the services' own: a skew between hosts
 # only moves when a repeat stops answering 409 and replays, never what it replays.
 CREATE_SCRIPT = """
@@ -60,9 +61,11 @@ if record[1] then
   if record[1] ~= ARGV[1] then return {'mismatch'} end
   local lease = tonumber(record[4])
   if record[2] ~= ARGV[2] and lease and lease > tonumber(ARGV[5]) then return {'busy'} end
+  if not (record[2] and record[3]) then return {'foreign'} end
   redis.call('HSET', KEYS[1], 'replayed', '1')
   return {'done', record[2], record[3]}
 end
+if redis.call('EXISTS', KEYS[1]) == 1 then return {'foreign'} end
 for first = 7, #ARGV, 1000 do
   redis.call('HSET', KEYS[2], unpack(ARGV, first, math.min(first + 999, #ARGV)))
 end
@@ -171,7 +174,7 @@ class IdempotentCreates:
             raise KeyReused(key)
         if outcome[0] == "busy":
             raise InProgress(key)
-        if len(outcome) < 3:  # a hash with the fingerprint but no id or customer: not ours
+        if outcome[0] == "foreign":
             raise NotARecord(record)
         return Created(outcome[1], outcome[2], replayed=outcome[1] != customer_id)
 

@@ -163,8 +163,8 @@ def idempotent_post(creates: idempotency.IdempotentCreates, key: str) -> Respons
                          "(waiting for the replicas); retry it later",
                     {"Retry-After": str(errors.RETRY_AFTER_SECONDS)})
     except idempotency.NotARecord:
-        errors.fail(409, f"the record of this {idempotency.HEADER} holds something that is not "
-                         "a record (not a hash); it is left as it is")
+        errors.fail(409, f"the key of this {idempotency.HEADER}'s record holds another "
+                         "program's data, not a record; it is left as it is")
     headers = {"Location": f"{request.script_root}/customers/{created.customer_id}"}
     if created.replayed:
         headers["Idempotent-Replayed"] = "true"

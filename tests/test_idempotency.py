@@ -150,11 +150,17 @@ def test_a_record_key_holding_another_type_is_409_and_left_as_it_is(client, redi
     redis_client.rpush(record_key("order-7"), "theirs")
     response = post(client, ANN)
     assert response.status_code == 409
-    assert "not a record" in response.get_json()["message"]
+    assert response.get_json()["message"] == (
+        "the key of this Idempotency-Key's record holds another program's data, not a record; "
+        "it is left as it is")
     assert redis_client.lrange(record_key("order-7"), 0, -1) == ["theirs"]
-    # A hash with the body's fingerprint but not the rest of a record: not one either.
-    redis_client.hset(record_key("order-8"), "fingerprint", fingerprint(ANN))
-    assert post(client, ANN, key="order-8").status_code == 409
+    # Hashes that are not records: without a fingerprint, or with only the body's.
+    redis_client.hset(record_key("order-8"), "theirs", "1")
+    redis_client.hset(record_key("order-9"), "fingerprint", fingerprint(ANN))
+    for key in ("order-8", "order-9"):
+        assert post(client, ANN, key=key).status_code == 409
+    assert redis_client.hgetall(record_key("order-8")) == {"theirs": "1"}
+    assert redis_client.ttl(record_key("order-8")) == -1
 
 
 def died_after_its_script(redis_client, key: str, fields: dict, lease_ms: int) -> str:
