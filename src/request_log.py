@@ -1,15 +1,17 @@
 """One log line per request: method, path, status, duration and request id; never bodies."""
 
 import logging
+import os
 import re
 import time
-import uuid
 
 from flask import g, request
 from pythonjsonlogger.json import JsonFormatter
 
 log = logging.getLogger("customers.requests")
 HEADER = "X-Request-ID"
+# Where WSGI keeps it: read there, not through request.headers, which costs several times more.
+ENVIRON_KEY = "HTTP_X_REQUEST_ID"
 # A client's id is kept when it is short and plain, so that it cannot forge log lines.
 CLIENT_ID = re.compile(r"[A-Za-z0-9._~:+/=-]{1,128}")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -50,14 +52,19 @@ def _printable(text: str) -> str:
     return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
 
+def _new_id() -> str:
+    """Return a fresh request id: 32 random hex digits."""
+    return os.urandom(16).hex()
+
+
 def _start():
     g.started = time.perf_counter()
-    sent = request.headers.get(HEADER, "")
-    g.request_id = sent if CLIENT_ID.fullmatch(sent) else uuid.uuid4().hex
+    sent = request.environ.get(ENVIRON_KEY, "")
+    g.request_id = sent if CLIENT_ID.fullmatch(sent) else _new_id()
 
 
 def _finish(response):
-    request_id = g.get("request_id") or uuid.uuid4().hex
+    request_id = g.get("request_id") or _new_id()
     response.headers[HEADER] = request_id
     if not log.isEnabledFor(logging.INFO):
         return response

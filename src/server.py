@@ -81,7 +81,7 @@ def page_arguments() -> tuple[int, str | None] | None:
 def fields_asked() -> tuple:
     """Return what HMGET asks for ?fields= (comma-separated, or repeated), or () when the
     whole customer is wanted."""
-    if "fields" not in request.args:
+    if not request.environ.get("QUERY_STRING") or "fields" not in request.args:
         return ()
     try:
         names = projection.parse(",".join(request.args.getlist("fields")),
@@ -172,6 +172,9 @@ def idempotent_post(creates: idempotency.IdempotentCreates, key: str) -> Respons
 class Customers(Resource):
     """The collection of customers: list them all, or create one."""
 
+    # One instance serves every request (it keeps no per-request state): none made per request.
+    init_every_request = False
+
     def __init__(self, store: CustomerStore, cursor_key: bytes,
                  creates: idempotency.IdempotentCreates):
         self.store = store
@@ -224,6 +227,8 @@ class Customers(Resource):
 
 class Customers_ID(Resource):  # noqa: N801 - the name of the original design
     """One customer: read, create or update, patch, delete; writes may be conditional."""
+
+    init_every_request = False  # as Customers
 
     def __init__(self, store: CustomerStore):
         self.store = store
