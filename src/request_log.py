@@ -11,7 +11,7 @@ from pythonjsonlogger.json import JsonFormatter
 log = logging.getLogger("customers.requests")
 HEADER = "X-Request-ID"
 # Where WSGI keeps it: read there, not through request.headers, which costs several times more.
-ENVIRON_KEY = "HTTP_X_REQUEST_ID"
+ENVIRON_KEY = "HTTP_" + HEADER.upper().replace("-", "_")
 # A client's id is kept when it is short and plain, so that it cannot forge log lines.
 CLIENT_ID = re.compile(r"[A-Za-z0-9._~:+/=-]{1,128}")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
