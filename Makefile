@@ -36,11 +36,12 @@ reliability: $(DEV_INSTALLED) ## Run the fault tests and print a table per fault
 		tests/test_faults.py tests/test_embedded_faults.py tests/test_idempotency_faults.py; \
 		status=$$?; echo; cat $(VENV)/reliability.md; exit $$status
 
-bench: $(DEV_INSTALLED) ## Benchmark against the original's design, POST with an Idempotency-Key, and metrics' cost (about 9 minutes; installs wrk)
+bench: $(DEV_INSTALLED) ## Benchmark against the original's design, POST with an Idempotency-Key, metrics' cost and CPU per request (about 10 minutes; installs wrk)
 	command -v wrk >/dev/null || apt-get install -y wrk || (apt-get update && apt-get install -y wrk)
 	$(BIN)/python benchmarks/bench.py
 	$(BIN)/python benchmarks/idempotency_cost.py
 	$(BIN)/python benchmarks/metrics_overhead.py
+	$(BIN)/python benchmarks/cpu_per_request.py
 
 fuzz: $(DEV_INSTALLED) ## Fuzz a running service against the document it serves: make fuzz [URL=...] [TOKEN=...] [EXAMPLES=500]
 	$(BIN)/python -c 'import sys, urllib.request as u; sys.stdout.buffer.write(u.urlopen(u.Request(sys.argv[1] + "/openapi.json", headers={"Authorization": "Bearer " + sys.argv[2]} if sys.argv[2] else {}), timeout=10).read())' \

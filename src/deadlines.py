@@ -62,7 +62,7 @@ class Slots:
 
 def _request_id(environ) -> tuple:
     """Return the X-Request-ID header of an answer given before the app (408, 429)."""
-    return request_log.HEADER, request_log.request_id(environ.get("HTTP_X_REQUEST_ID", ""))
+    return request_log.HEADER, request_log.request_id(environ.get(request_log.ENVIRON_KEY, ""))
 
 
 def _expects_body(environ) -> bool:

@@ -1,15 +1,17 @@
 """One log line per request: method, path, status, duration and request id; never bodies."""
 
 import logging
+import os
 import re
 import time
-import uuid
 
 from flask import g, request
 from pythonjsonlogger.json import JsonFormatter
 
 log = logging.getLogger("customers.requests")
 HEADER = "X-Request-ID"
+# Where WSGI keeps it: read there, not through request.headers, which costs several times more.
+ENVIRON_KEY = "HTTP_" + HEADER.upper().replace("-", "_")
 # A client's id is kept when it is short and plain, so that it cannot forge log lines.
 CLIENT_ID = re.compile(r"[A-Za-z0-9._~:+/=-]{1,128}")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -51,26 +53,26 @@ def _printable(text: str) -> str:
 
 
 def request_id(sent: str) -> str:
-    """Return the client's request id if it is short and plain, else a new one."""
-    return sent if CLIENT_ID.fullmatch(sent) else uuid.uuid4().hex
+    """Return the client's request id if it is short and plain, else 32 new random hex digits."""
+    return sent if CLIENT_ID.fullmatch(sent) else os.urandom(16).hex()
 
 
 def _start():
     g.started = time.perf_counter()
-    g.request_id = request_id(request.headers.get(HEADER, ""))
+    g.request_id = request_id(request.environ.get(ENVIRON_KEY, ""))
 
 
 def _finish(response):
-    request_id = g.get("request_id") or uuid.uuid4().hex
-    response.headers[HEADER] = request_id
+    given = g.get("request_id") or request_id("")
+    response.headers[HEADER] = given
     if not log.isEnabledFor(logging.INFO):
         return response
     milliseconds = (time.perf_counter() - g.get("started", time.perf_counter())) * 1000
     method, path = _printable(request.method), _printable(request.path)
     fields = {"method": method, "path": path, "status": response.status_code,
-              "duration_ms": round(milliseconds, 1), "request_id": request_id}
+              "duration_ms": round(milliseconds, 1), "request_id": given}
     log.info("%s %s %s %.1fms id=%s", method, path, response.status_code, milliseconds,
-             request_id, extra=fields)
+             given, extra=fields)
     return response
 
 

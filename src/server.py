@@ -10,6 +10,7 @@ from urllib.parse import quote
 import orjson
 from dotenv import find_dotenv, load_dotenv
 from flask import Flask, Response, current_app, request, url_for
+from flask.sessions import NullSession, SecureCookieSessionInterface
 from flask_restful import Api, Resource
 
 import access
@@ -40,6 +41,8 @@ from storage import (
 log = logging.getLogger("customers")
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
+# Where WSGI keeps the Idempotency-Key header: request.headers costs several times more.
+IDEMPOTENCY_KEY = "HTTP_" + idempotency.HEADER.upper().replace("-", "_")
 
 
 def no_content(status: int = 204, headers: dict | None = None) -> Response:
@@ -49,8 +52,20 @@ def no_content(status: int = 204, headers: dict | None = None) -> Response:
     return response
 
 
+class NoSessions(SecureCookieSessionInterface):
+    """No sessions (the service keeps none): one shared null session, none made per request."""
+
+    null_session = NullSession()
+
+    def open_session(self, app, request):
+        """Return the null session: there is no session cookie to read."""
+        return self.null_session
+
+
 class SyncFlask(Flask):
-    """Flask, told that every view and hook here is synchronous."""
+    """Flask, told that every view and hook here is synchronous, and that it keeps no sessions."""
+
+    session_interface = NoSessions()
 
     def ensure_sync(self, func):
         """Return func: Flask's check for coroutines costs tens of microseconds a request."""
@@ -81,7 +96,7 @@ def page_arguments() -> tuple[int, str | None] | None:
 def fields_asked() -> tuple:
     """Return what HMGET asks for ?fields= (comma-separated, or repeated), or () when the
     whole customer is wanted."""
-    if "fields" not in request.args:
+    if not request.environ.get("QUERY_STRING") or "fields" not in request.args:
         return ()
     try:
         names = projection.parse(",".join(request.args.getlist("fields")),
@@ -176,6 +191,9 @@ def idempotent_post(creates: idempotency.IdempotentCreates, key: str) -> Respons
 class Customers(Resource):
     """The collection of customers: list them all, or create one."""
 
+    # One instance serves every request (it keeps no per-request state): none made per request.
+    init_every_request = False
+
     def __init__(self, store: CustomerStore, cursor_key: bytes,
                  creates: idempotency.IdempotentCreates):
         self.store = store
@@ -212,7 +230,7 @@ class Customers(Resource):
         NDJSON lines (see transfer.py)."""
         if request.mimetype == transfer.NDJSON:
             return transfer.import_customers(self.store)
-        key = request.headers.get(idempotency.HEADER)
+        key = request.environ.get(IDEMPOTENCY_KEY)
         if key is not None:
             return idempotent_post(self.creates, key)
         customer = self.store.create(validation.read_fields())
@@ -228,6 +246,8 @@ class Customers(Resource):
 
 class Customers_ID(Resource):  # noqa: N801 - the name of the original design
     """One customer: read, create or update, patch, delete; writes may be conditional."""
+
+    init_every_request = False  # as Customers
 
     def __init__(self, store: CustomerStore):
         self.store = store

@@ -204,3 +204,17 @@ def test_a_write_whose_customer_keeps_changing_gives_up_as_unavailable(redis_cli
     assert isinstance(raised.value, UNAVAILABLE)
     assert len(changes) == WATCH_ATTEMPTS
     assert store.get("1") == {"id": "1", "n": WATCH_ATTEMPTS}  # the int marker stays
+
+
+@pytest.mark.parametrize("header", ["If-Match", "If-None-Match"])
+@pytest.mark.parametrize("value", ["", " "])
+def test_an_empty_condition_header_is_no_condition(client, header, value):
+    client.put("/customers/1", json=JOE)
+    read = client.get("/customers/1", headers={header: value})
+    assert read.status_code == 200
+    assert read.get_json() == {"id": "1", **JOE}
+    assert read.headers["ETag"] == etag_of(client, "/customers/1")
+    written = client.put("/customers/1", json={"balance": 5}, headers={header: value})
+    assert written.status_code == 204
+    assert client.delete("/customers/1", headers={header: value}).status_code == 204
+    assert client.get("/customers/1").status_code == 404
