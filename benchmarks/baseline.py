@@ -2,6 +2,9 @@
 
 Flask's development server, a RedisCluster client, SCAN plus one HGETALL round trip per
 customer into one list, and the request and response bodies printed on every request.
+The client is redis-py's own (redis.cluster) unless BASELINE_CLIENT=rediscluster: then
+redis-py-cluster's, built as the original builds it (run that in benchmarks/.venv-original,
+which has the original's Flask, Flask-RESTful, redis-py-cluster and redis).
 """
 
 import os
@@ -10,10 +13,21 @@ import uuid
 
 from flask import Flask, request
 from flask_restful import Api, Resource
-from redis.cluster import RedisCluster
 
-redis = RedisCluster(host=os.environ["DBHOST"], port=int(os.environ["DBPORT"]),
-                     decode_responses=True)
+
+def connect():
+    """Return the cluster client that BASELINE_CLIENT names."""
+    host, port = os.environ["DBHOST"], int(os.environ["DBPORT"])
+    if os.environ.get("BASELINE_CLIENT") == "rediscluster":
+        from rediscluster import RedisCluster
+        # The original's arguments, less TLS and ACL (the loopback cluster has neither).
+        return RedisCluster(startup_nodes=[{"host": host, "port": port}],
+                            decode_responses=True, skip_full_coverage_check=True)
+    from redis.cluster import RedisCluster
+    return RedisCluster(host=host, port=port, decode_responses=True)
+
+
+redis = connect()
 app = Flask(__name__)
 api = Api(app)
 
