@@ -197,6 +197,8 @@ def account(result: dict, connections: int, fsync: float) -> str:
     """Return the account of one THREADS setting as Markdown lines."""
     slots = result["workers"] * result["threads_setting"]
     cpu = result["service_cpu_ms"] + result["redis_cpu_ms"]
+    others = (os.cpu_count() - result["machine_idle_cores"] - result["service_cores"]
+              - result["redis_cores"] - result["wrk_cores"])
     threads = result["threads"]
     in_app = threads["redis"] + threads["running"] + threads["other"]
     lines = [
@@ -210,8 +212,8 @@ def account(result: dict, connections: int, fsync: float) -> str:
         f"| CPU a request: redis-servers, ms | {result['redis_cpu_ms']:.3f} |",
         f"| cores busy: service / redis-servers / wrk | {result['service_cores']:.2f} / "
         f"{result['redis_cores']:.2f} / {result['wrk_cores']:.2f} |",
-        f"| cores idle, whole machine (of {os.cpu_count()}) | "
-        f"{result['machine_idle_cores']:.2f} |",
+        f"| cores idle, whole machine (of {os.cpu_count()}) / busy with other processes | "
+        f"{result['machine_idle_cores']:.2f} / {others:.2f} |",
         f"| wall time a request at {connections} in flight (Little's law), ms | "
         f"{result['wall_ms']:.2f} |",
         f"| CPU of a request / its wall time | {cpu / result['wall_ms']:.2f} |",
