@@ -55,6 +55,20 @@ def cpu_seconds(pids: list) -> float:
     return total
 
 
+def switches(pid: int) -> int:
+    """Return the context switches of every thread of a process and its children (Linux)."""
+    process = psutil.Process(pid)
+    total = 0
+    for member in [process, *process.children(recursive=True)]:
+        for status in Path(f"/proc/{member.pid}/task").glob("*/status"):
+            try:
+                lines = status.read_text().splitlines()
+            except OSError:  # a thread that ended meanwhile
+                continue
+            total += sum(int(line.split()[1]) for line in lines if "ctxt_switches" in line)
+    return total
+
+
 def fsync_ms(directory: Path, count: int = 200) -> float:
     """Return the median time of appending a small record to a file and fsyncing it, in ms."""
     times = []
@@ -158,6 +172,7 @@ def measure(service, cluster, threads: int, args, directory: Path) -> dict:
     redis_pids = [node.process.pid for node in cluster.nodes]
     wrk(service.url, "post", 1, 2, args.connections)  # warm-up: connections to every node
     before = cpu_seconds([service.process.pid]), cpu_seconds(redis_pids)
+    switched = switches(service.process.pid)
     # wrk's CPU: it is this process's child, counted once it has exited.
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     machine = psutil.cpu_times()
@@ -173,6 +188,7 @@ def measure(service, cluster, threads: int, args, directory: Path) -> dict:
                           "count": len(probe.times)}
     result["service_cpu_ms"] = ((cpu_seconds([service.process.pid]) - before[0]) * 1000
                                 / result["requests"])
+    result["switches"] = (switches(service.process.pid) - switched) / result["requests"]
     result["redis_cpu_ms"] = (cpu_seconds(redis_pids) - before[1]) * 1000 / result["requests"]
     result["service_cores"] = result["service_cpu_ms"] * result["rps"] / 1000
     result["redis_cores"] = result["redis_cpu_ms"] * result["rps"] / 1000
@@ -210,6 +226,7 @@ def account(result: dict, connections: int, fsync: float) -> str:
         "| --- | ---: |",
         f"| CPU a request: service's processes, ms | {result['service_cpu_ms']:.3f} |",
         f"| CPU a request: redis-servers, ms | {result['redis_cpu_ms']:.3f} |",
+        f"| context switches of the service's threads a request | {result['switches']:.1f} |",
         f"| cores busy: service / redis-servers / wrk | {result['service_cores']:.2f} / "
         f"{result['redis_cores']:.2f} / {result['wrk_cores']:.2f} |",
         f"| cores idle, whole machine (of {os.cpu_count()}) / busy with other processes | "
