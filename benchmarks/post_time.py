@@ -30,6 +30,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent / "src"), str(HERE.parent / "tests"), str(HERE)]
 
 from bench import load_average, wrk  # noqa: E402
+from idempotency_cost import cpu_seconds  # noqa: E402
 
 from embedded import find_redis_server  # noqa: E402
 from local_cluster import LocalCluster  # noqa: E402
@@ -42,17 +43,6 @@ WAITING_ON_REDIS = ("read_from_socket (redis/", "_socket_can_read (redis/", "rec
 REQUEST_THREAD = "_runner (granian/wsgi.py"
 STATES = {"slot": "waiting for a slot", "redis": "waiting on Redis (socket read)",
           "running": "in the app, on a CPU", "other": "in the app, not on a CPU (the GIL)"}
-
-
-def cpu_seconds(pids: list) -> float:
-    """Return the user and system CPU time of processes and their children so far."""
-    total = 0.0
-    for pid in pids:
-        process = psutil.Process(pid)
-        for member in [process, *process.children(recursive=True)]:
-            times = member.cpu_times()
-            total += times.user + times.system
-    return total
 
 
 def switches(pid: int) -> int:
