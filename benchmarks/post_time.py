@@ -1,10 +1,12 @@
 """Account for where a POST /customers spends its time, by default under appendfsync always.
 
 Starts a local 3-primary Redis Cluster and the service, then for each THREADS setting runs
-wrk's POSTs twice. The first run measures requests/s, latency and the CPU time of the
-service's processes and of the redis-servers (psutil, before and after), divided by the
-requests. The second samples every thread of each worker with py-spy (--nonblocking, so the
-workers are not paused) and sorts the request threads' samples by where they stand: waiting
+wrk's POSTs twice. The first run measures requests/s, latency, the CPU time of the
+service's processes and of the redis-servers (psutil, before and after) and the context
+switches of the service's threads, each divided by the requests, wrk's CPU and the machine's
+idle time, and the round trip of an HSET sent every 5 ms by a client of its own.
+The second samples every thread of each worker with py-spy (--nonblocking, so the workers
+are not paused) and sorts the request threads' samples by where they stand: waiting
 for one of the worker's THREADS slots, waiting on Redis (in redis-py's socket read), or in
 the app; the app's samples split into on a CPU or not (then mostly waiting for the GIL) by a
 second py-spy that records only running threads. Also times a small append and fsync in the
@@ -37,7 +39,8 @@ from local_cluster import LocalCluster  # noqa: E402
 from service_process import ServiceProcess  # noqa: E402
 
 PY_SPY = Path(sys.executable).with_name("py-spy")
-# Where a request thread's innermost frames put it (py-spy's raw lines, "func (file:line)").
+# Where a request thread's innermost frames put it (py-spy's raw lines, "func (file:line)"),
+# by the names of deadlines.py and of redis-py 8 with hiredis: a rename shows as no samples.
 WAITING_FOR_SLOT = "Slots.__enter__ (deadlines.py"
 WAITING_ON_REDIS = ("read_from_socket (redis/", "_socket_can_read (redis/", "recv_into")
 REQUEST_THREAD = "_runner (granian/wsgi.py"
