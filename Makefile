@@ -4,6 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 DEV_INSTALLED := $(VENV)/.dev-installed
+# The original example's own stack, the benchmark's second baseline (Python 3.11: its redis
+# 3.5.3 imports distutils)
+ORIGINAL_VENV := benchmarks/.venv-original
+ORIGINAL_INSTALLED := $(ORIGINAL_VENV)/.installed
 
 .PHONY: help run test bench fuzz cluster reliability lint clean
 
@@ -17,6 +21,12 @@ $(INSTALLED): requirements.txt
 
 $(DEV_INSTALLED): $(INSTALLED) requirements-dev.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+$(ORIGINAL_INSTALLED): benchmarks/requirements-original.txt
+	test -x $(ORIGINAL_VENV)/bin/python || $(PYTHON) -m venv $(ORIGINAL_VENV)
+	$(ORIGINAL_VENV)/bin/python -m pip install --quiet --disable-pip-version-check \
+		-r benchmarks/requirements-original.txt
 	touch $@
 
 run: $(INSTALLED) ## Start the service (an embedded, durable Valkey when DBHOST is unset)
@@ -36,9 +46,11 @@ reliability: $(DEV_INSTALLED) ## Run the fault tests and print a table per fault
 		tests/test_faults.py tests/test_embedded_faults.py tests/test_idempotency_faults.py; \
 		status=$$?; echo; cat $(VENV)/reliability.md; exit $$status
 
-bench: $(DEV_INSTALLED) ## Benchmark against the original's design, POST with an Idempotency-Key, metrics' cost and CPU per request (about 10 minutes; installs wrk)
+bench: $(DEV_INSTALLED) $(ORIGINAL_INSTALLED) ## Benchmark against the original (rebuilt, and on its own client) with appendfsync everysec and always; where a POST's time goes; an Idempotency-Key's, metrics' and a request's CPU cost (about 12 minutes; installs wrk)
 	command -v wrk >/dev/null || apt-get install -y wrk || (apt-get update && apt-get install -y wrk)
-	$(BIN)/python benchmarks/bench.py
+	$(BIN)/python benchmarks/bench.py --appendfsync everysec
+	$(BIN)/python benchmarks/bench.py --appendfsync always --requests-only
+	$(BIN)/python benchmarks/post_time.py --appendfsync always
 	$(BIN)/python benchmarks/idempotency_cost.py
 	$(BIN)/python benchmarks/metrics_overhead.py
 	$(BIN)/python benchmarks/cpu_per_request.py
@@ -53,5 +65,5 @@ fuzz: $(DEV_INSTALLED) ## Fuzz a running service against the document it serves:
 lint: $(DEV_INSTALLED) ## Check the code with ruff
 	$(BIN)/ruff check src tests benchmarks
 
-clean: ## Remove the virtual environment (data/ is kept)
-	rm -rf $(VENV)
+clean: ## Remove the virtual environments (data/ is kept)
+	rm -rf $(VENV) $(ORIGINAL_VENV)

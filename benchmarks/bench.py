@@ -1,8 +1,10 @@
-"""Benchmark the service against the original's algorithm and serving, in one run.
+"""Benchmark the service against two baselines of the original example, in one run.
 
-Starts a local 3-primary Redis Cluster (AOF with appendfsync everysec, not always: the
-figures are about the service, not the disk), loads customers, then measures both services
-with wrk from a separate process, the same connections and duration for both.
+Starts a local 3-primary Redis Cluster (AOF, appendfsync everysec or always), loads
+customers, then measures with wrk from a separate process, the same connections and
+duration for each, taking turns: the service, the original's design rebuilt on redis-py 8
+(baseline.py), and the same file on the original's own stack and client (redis-py-cluster
+2.1.3, Flask 2.0.2) in benchmarks/.venv-original.
 """
 
 import argparse
@@ -27,6 +29,15 @@ sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
 from embedded import find_redis_server, free_port  # noqa: E402
 from local_cluster import LocalCluster  # noqa: E402
 from service_process import ServiceProcess  # noqa: E402
+
+ORIGINAL_PYTHON = HERE / ".venv-original" / "bin" / "python"
+BASELINES = {"rebuild": "rebuild (redis-py 8)", "original": "original (redis-py-cluster)"}
+MODES = {"get": "GET /customers/<id>", "put": "PUT /customers/<id>", "post": "POST /customers"}
+# The issue's targets against each baseline, same run: requests/s at least so many times
+# theirs, by durability setting; p99 at most half of theirs; the 10,000 list 20 times faster.
+RPS_TARGETS = {"everysec": {"get": 5, "post": 4}, "always": {"get": 5, "post": 3}}
+P99_TARGET = 0.5
+LIST_TARGET = 20
 
 FIELDS = {"name": "Joe", "lastName": "Doe", "email": "joe@example.com", "phone": "+1 555 0100",
           "balance": "1000", "_type:balance": "int"}
@@ -170,35 +181,44 @@ def median_lists(targets: dict, expected: int, runs: int = 7, warmup: int = 2) -
             for name, lists in timed.items()}
 
 
+def start_baseline(python: str, client: str, env: dict) -> tuple:
+    """Start baseline.py with python on client ("redis" or "rediscluster"); return it, its URL."""
+    port = free_port()
+    process = subprocess.Popen([python, str(HERE / "baseline.py"), str(port)],
+                               env={**os.environ, **env, "BASELINE_CLIENT": client},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return process, f"http://127.0.0.1:{port}"
+
+
 def run(args) -> dict:
-    """Measure both services on one cluster and return the figures."""
-    results = {"service": {}, "baseline": {}, "settings": vars(args)}
+    """Measure the service and both baselines on one cluster and return the figures."""
+    results = {"service": {}, "rebuild": {}, "original": {}, "settings": vars(args)}
     with tempfile.TemporaryDirectory() as directory, \
-            LocalCluster(find_redis_server(None), directory, appendfsync="everysec") as cluster:
-        client = cluster.nodes[0].client()
+            LocalCluster(find_redis_server(None), directory,
+                         appendfsync=args.appendfsync) as cluster:
         from redis.cluster import RedisCluster
         db = RedisCluster(host="127.0.0.1", port=cluster.nodes[0].port, decode_responses=True)
-        client.close()
         load(db, 0, args.ids)
         env = {"DBHOST": "127.0.0.1", "DBPORT": str(cluster.nodes[0].port), "DBTLS": "false",
                "LOG_LEVEL": "WARNING"}
         service = ServiceProcess(env, cwd=directory).start()
-        port = free_port()
-        baseline = subprocess.Popen([sys.executable, str(HERE / "baseline.py"), str(port)],
-                                    env={**os.environ, **env}, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.DEVNULL)
-        targets = {"service": service.url, "baseline": f"http://127.0.0.1:{port}"}
+        rebuild, rebuild_url = start_baseline(sys.executable, "redis", env)
+        original, original_url = start_baseline(args.original_python, "rediscluster", env)
+        targets = {"service": service.url, "rebuild": rebuild_url, "original": original_url}
         try:
-            wait_http(targets["baseline"], baseline)
+            wait_http(rebuild_url, rebuild)
+            wait_http(original_url, original)
             if not args.imports_only:
-                print(f"listing {args.ids} with both, in turns", flush=True)
+                print(f"listing {args.ids} with each, in turns", flush=True)
                 for name, listed in median_lists(targets, args.ids).items():
                     results[name]["list_small"] = listed
-            for mode in ("put",) if args.imports_only else ("get", "put", "post"):
+            for mode in ("put",) if args.imports_only else MODES:
                 for name, url in targets.items():
                     print(f"{mode.upper()} on the {name} for {args.seconds}s", flush=True)
                     results[name][mode] = wrk(url, mode, args.ids, args.seconds,
                                               args.connections)
+            if args.requests_only:
+                return results
             time.sleep(2)  # let the requests still queued when wrk stopped finish
             print(f"importing {args.imports} new customers (NDJSON) into the service, 3 times",
                   flush=True)
@@ -211,10 +231,10 @@ def run(args) -> dict:
             db.flushall(target_nodes=RedisCluster.PRIMARIES)
             load(db, 0, args.baseline_big)
             if not args.imports_only:
-                print(f"listing {stored(db)} with the baseline", flush=True)
-                results["baseline"]["list_big"] = {
+                print(f"listing {stored(db)} with the rebuild", flush=True)
+                results["rebuild"]["list_big"] = {
                     "customers": stored(db),
-                    **list_all(targets["baseline"], stored(db), baseline.pid, exact=False)}
+                    **list_all(rebuild_url, stored(db), rebuild.pid, exact=False)}
             # The service's big list is loaded by an import: its peak RSS is the import's.
             print(f"importing {args.big} customers (NDJSON, {args.baseline_big} of them "
                   "stored already) into the service", flush=True)
@@ -231,97 +251,160 @@ def run(args) -> dict:
                 "customers": stored(db), **list_all(service.url, stored(db),
                                                      service.process.pid)}
         finally:
-            baseline.terminate()
-            baseline.wait(30)
+            for baseline in (rebuild, original):
+                baseline.terminate()
+                baseline.wait(30)
             service.stop()
             db.close()
     return results
 
 
-def table(results: dict) -> str:
-    """Format the figures and their ratios to the baseline as a Markdown table."""
-    ours, base = results["service"], results["baseline"]
-    rows = []
-    for mode in ("get", "put", "post"):
-        label = {"get": "GET /customers/<id>", "put": "PUT /customers/<id>",
-                 "post": "POST /customers"}[mode]
-        rows.append((f"{label} requests/s", ours[mode]["rps"], base[mode]["rps"],
-                     ours[mode]["rps"] / base[mode]["rps"], "{:.0f}"))
+def verdict(ratios: list, bound: float, at_least: bool) -> str:
+    """Say whether every baseline's ratio meets a bound, naming the baselines it misses."""
+    missed = [name for name, ratio in zip(BASELINES, ratios, strict=True)
+              if (ratio < bound if at_least else ratio > bound)]
+    sign = ">=" if at_least else "<="
+    if not missed:
+        return f"{sign} {bound:g}: met"
+    return f"{sign} {bound:g}: missed ({', '.join(missed)})"
+
+
+def row(label: str, figures: list, fmt: str, target: str = "", faster: bool = False) -> str:
+    """Return a table line: the service's figure, each baseline's, the ratios and a target."""
+    ours, *theirs = figures
+    cells = [fmt.format(figure) for figure in figures]
+    if faster:
+        cells += [f"{their / ours:.1f}x faster" for their in theirs]
+    else:
+        cells += [f"{ours / their:.2f}" for their in theirs]
+    return f"| {label} | {' | '.join(cells)} | {target} |"
+
+
+def request_lines(results: dict) -> list:
+    """Return the table's lines on GET, PUT and POST and on the small list, with targets."""
+    names = ["service", *BASELINES]
+    rps_targets = RPS_TARGETS[results["settings"]["appendfsync"]]
+    lines = []
+    for mode, label in MODES.items():
+        figures = [results[name][mode] for name in names]
+        rps = [figure["rps"] for figure in figures]
+        target = rps_targets.get(mode)
+        lines.append(row(f"{label} requests/s", rps, "{:.0f}",
+                         verdict([rps[0] / their for their in rps[1:]], target, True)
+                         if target else ""))
         for pct in ("p50", "p99"):
-            key = f"{pct}_ms"
-            rows.append((f"{label} {pct} ms", ours[mode][key], base[mode][key],
-                         ours[mode][key] / base[mode][key], "{:.1f}"))
-    small, base_small = ours["list_small"]["seconds"], base["list_small"]["seconds"]
-    rows.append((f"list {results['settings']['ids']:,} customers, s", small, base_small,
-                 small / base_small, "{:.3f}"))
-    big, base_big = ours["list_big"], base["list_big"]
-    rows.append((f"peak RSS listing (service {big['customers']:,}, baseline "
-                 f"{base_big['customers']:,}), MB", big["peak_rss_mb"], base_big["peak_rss_mb"],
-                 big["peak_rss_mb"] / base_big["peak_rss_mb"], "{:.0f}"))
-    rows.append((f"list (service {big['customers']:,}, baseline {base_big['customers']:,}), s",
-                 big["seconds"], base_big["seconds"], big["seconds"] / base_big["seconds"],
-                 "{:.1f}"))
-    rows.append(("customers in that list (duplicates from SCAN)", big["listed"],
-                 base_big["listed"], big["listed"] / base_big["listed"], "{:,}"))
-    rows.append(("first byte of that list, s", big["first_byte_seconds"],
-                 base_big["first_byte_seconds"],
-                 big["first_byte_seconds"] / base_big["first_byte_seconds"], "{:.3f}"))
-    return "\n".join(table_lines(rows) + import_lines(results))
-
-
-def table_lines(rows: list) -> list:
-    """Return the Markdown lines of a table of rows."""
-    lines = ["| figure | service | baseline | service / baseline |", "| --- | ---: | ---: | ---: |"]
-    for label, mine, theirs, ratio, fmt in rows:
-        lines.append(f"| {label} | {fmt.format(mine)} | {fmt.format(theirs)} | {ratio:.2f} |")
+            ms = [figure[f"{pct}_ms"] for figure in figures]
+            target = (verdict([ms[0] / their for their in ms[1:]], P99_TARGET, False)
+                      if pct == "p99" else "")
+            lines.append(row(f"{label} {pct} ms", ms, "{:.1f}", target))
+    seconds = [results[name]["list_small"]["seconds"] for name in names]
+    lines.append(row(f"list {results['settings']['ids']:,} customers, s", seconds, "{:.3f}",
+                     verdict([their / seconds[0] for their in seconds[1:]], LIST_TARGET, True),
+                     faster=True))
     return lines
+
+
+def big_lines(results: dict) -> list:
+    """Return the table's lines on the big lists, against the rebuild alone."""
+    big, base_big = results["service"]["list_big"], results["rebuild"]["list_big"]
+    sizes = f"(service {big['customers']:,}, rebuild {base_big['customers']:,})"
+    rss = big["peak_rss_mb"]
+    return [
+        f"| peak RSS listing {sizes}, MB | {rss:.0f} | {base_big['peak_rss_mb']:.0f} | - | "
+        f"{rss / base_big['peak_rss_mb']:.2f} | - | < 200: {'met' if rss < 200 else 'missed'} |",
+        f"| list {sizes}, s | {big['seconds']:.1f} | {base_big['seconds']:.1f} | - | "
+        f"{big['seconds'] / base_big['seconds']:.2f} | - | |",
+        f"| customers in that list (duplicates from SCAN) | {big['listed']:,} | "
+        f"{base_big['listed']:,} | - | - | - | |",
+        f"| first byte of that list, s | {big['first_byte_seconds']:.3f} | "
+        f"{base_big['first_byte_seconds']:.3f} | - | "
+        f"{big['first_byte_seconds'] / base_big['first_byte_seconds']:.4f} | - | |"]
+
+
+def table(results: dict) -> str:
+    """Format the figures and their ratios to both baselines as a Markdown table."""
+    settings = results["settings"]
+    lines = [f"appendfsync {settings['appendfsync']}, wrk {settings['connections']} "
+             f"connections, {settings['seconds']} s a figure; load average before / after: "
+             f"{results['load_before']} / {results['load_after']}", "",
+             "| figure | service | " + " | ".join(BASELINES.values()) + " | service / rebuild "
+             "| service / original | target |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    if not settings["imports_only"]:
+        lines += request_lines(results)
+    if not settings["requests_only"]:
+        lines += import_lines(results)
+    if not settings["requests_only"] and not settings["imports_only"]:
+        lines += big_lines(results)
+    return "\n".join(lines)
 
 
 def import_lines(results: dict) -> list:
     """Return the table's lines on NDJSON imports: against one PUT a customer (the original's
     way, wrk's rate), and the service's peak RSS importing the big list."""
-    ours, put = results["service"], results["baseline"]["put"]["rps"]
+    ours = results["service"]
+    puts = [results[name]["put"]["rps"] for name in BASELINES]
     small, big, export = ours["import"], ours["import_big"], ours["export_big"]
-    return [f"| import {small['customers']:,} customers (one NDJSON POST; baseline: one PUT "
-            f"each), customers/s | {small['per_second']:.0f} | {put:.0f} | "
-            f"{small['per_second'] / put:.1f} |",
+    rate = small["per_second"]
+    ratios = [rate / put for put in puts]
+    return [f"| import {small['customers']:,} customers (one NDJSON POST; baselines: one PUT "
+            f"each), customers/s | {rate:.0f} | {puts[0]:.0f} | {puts[1]:.0f} | "
+            f"{ratios[0]:.1f} | {ratios[1]:.1f} | {verdict(ratios, 30, True)} |",
             f"| import {big['customers']:,} customers, s / customers/s / peak RSS MB (before "
             f"it: {big['rss_before_mb']:.0f}) | {big['seconds']:.1f} / {big['per_second']:.0f} / "
-            f"{big['peak_rss_mb']:.0f} | - | - |",
+            f"{big['peak_rss_mb']:.0f} | - | - | - | - | "
+            f"< 200 MB: {'met' if big['peak_rss_mb'] < 200 else 'missed'} |",
             f"| export {export['customers']:,} customers (NDJSON), s / customers/s / peak RSS MB |"
             f" {export['seconds']:.1f} / {export['customers'] / export['seconds']:.0f} / "
-            f"{export['peak_rss_mb']:.0f} | - | - |"]
+            f"{export['peak_rss_mb']:.0f} | - | - | - | - | |"]
+
+
+def load_average() -> str:
+    """Return the 1, 5 and 15 minute load averages, as uptime prints them."""
+    return ", ".join(f"{load:.2f}" for load in os.getloadavg())
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--appendfsync", choices=("everysec", "always"), default="everysec",
+                        help="the cluster's AOF fsync policy (always: as durable as MemoryDB)")
     parser.add_argument("--ids", type=int, default=10000, help="customers for GET/PUT and listing")
     parser.add_argument("--seconds", type=int, default=10, help="duration of each wrk run")
     parser.add_argument("--connections", type=int, default=16, help="wrk connections")
     parser.add_argument("--big", type=int, default=1000000, help="customers the service lists")
     parser.add_argument("--baseline-big", type=int, default=100000,
-                        help="customers the baseline lists")
+                        help="customers the rebuild lists")
     parser.add_argument("--imports", type=int, default=100000,
                         help="customers the timed NDJSON import creates")
-    parser.add_argument("--imports-only", action="store_true",
-                        help="measure only the imports (and the baseline's PUT)")
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument("--imports-only", action="store_true",
+                      help="measure only the imports (and the baselines' PUT)")
+    only.add_argument("--requests-only", action="store_true",
+                      help="measure only GET, PUT, POST and the list of --ids customers")
+    parser.add_argument("--original-python", default=str(ORIGINAL_PYTHON),
+                        help="the Python of a venv with benchmarks/requirements-original.txt")
     args = parser.parse_args()
     if not shutil.which("wrk"):
         print("wrk is missing: `make bench` installs it (apt-get install wrk)", file=sys.stderr)
         return 2
+    if not Path(args.original_python).exists():
+        print(f"{args.original_python} is missing: `make bench` makes that venv from "
+              "benchmarks/requirements-original.txt", file=sys.stderr)
+        return 2
+    load_before = load_average()
     results = run(args)
-    results["table"] = ("\n".join(table_lines([]) + import_lines(results)) if args.imports_only
-                        else table(results))
+    results.update(load_before=load_before, load_after=load_average())
+    results["table"] = table(results)
     results["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     results["cpus"] = os.cpu_count()
     print(results["table"])
     out = HERE / "results"
     out.mkdir(exist_ok=True)
-    kind = "imports" if args.imports_only else "bench"
-    latest = "imports-latest.json" if args.imports_only else "latest.json"
-    for name in (f"{kind}-{results['finished']}.json", latest):
+    kind = ("imports" if args.imports_only else "requests" if args.requests_only
+            else "bench") + f"-{args.appendfsync}"
+    for name in (f"{kind}-{results['finished']}.json", f"{kind}-latest.json"):
         (out / name).write_text(json.dumps(results, indent=2) + "\n")
-    print(f"written to {out / latest}")
+    print(f"written to {out / f'{kind}-latest.json'}")
     return 0
 
 
