@@ -56,17 +56,51 @@ def memorydb_cluster(tmp_path_factory, tls_redis_server_binary):
         yield cluster
 
 
+@pytest.fixture
+def empty_redis_cluster(redis_cluster):
+    """The session's cluster, emptied for this test."""
+    redis_cluster.flush()
+    return redis_cluster
+
+
+@pytest.fixture
+def empty_memorydb_cluster(memorydb_cluster):
+    """The session's MemoryDB-shaped cluster, emptied for this test."""
+    memorydb_cluster.flush()
+    return memorydb_cluster
+
+
+@pytest.fixture
+def open_database():
+    """Return connect (the service's own): every client it opens is closed after the test."""
+    opened = []
+
+    def open_(config, **options):
+        opened.append(connect(config, **options))
+        return opened[-1]
+    yield open_
+    for client in opened:
+        client.close()
+
+
+@pytest.fixture
+def cluster_database(empty_redis_cluster, open_database):
+    """The service's client of the emptied session cluster."""
+    return open_database(cluster_config(empty_redis_cluster))
+
+
+@pytest.fixture
+def memorydb_database(empty_memorydb_cluster, open_database):
+    """The service's client of the emptied MemoryDB-shaped cluster: TLS, as the app user."""
+    return open_database(cluster_config(empty_memorydb_cluster))
+
+
 @pytest.fixture(params=["fakeredis", pytest.param("cluster", marks=pytest.mark.cluster)])
 def redis_client(request):
     """An empty database: fakeredis, then the real cluster, for every test that uses it."""
     if request.param == "fakeredis":
-        yield fakeredis.FakeRedis(decode_responses=True, encoding_errors="surrogateescape")
-        return
-    cluster = request.getfixturevalue("redis_cluster")
-    cluster.flush()
-    client = connect(cluster_config(cluster))
-    yield client
-    client.close()
+        return fakeredis.FakeRedis(decode_responses=True, encoding_errors="surrogateescape")
+    return request.getfixturevalue("cluster_database")
 
 
 @pytest.fixture

@@ -8,6 +8,8 @@ from server import create_app
 from test_api import *  # noqa: F403 - the same tests, collected here with these fixtures
 
 
+# Both clients are kept for the module, not opened per test as memorydb_database is: a new
+# client makes its TLS connections (a handshake each) again, and this module runs 57 tests.
 @pytest.fixture(scope="module")
 def admin_client(memorydb_cluster):
     """A client of the cluster as its admin user, for the tests' own set-up and checks."""
@@ -28,9 +30,8 @@ def app_user_client(memorydb_cluster):
 
 
 @pytest.fixture(params=[pytest.param("cluster-tls-acl", marks=pytest.mark.cluster)])
-def redis_client(memorydb_cluster, admin_client):
+def redis_client(empty_memorydb_cluster, admin_client):
     """The emptied cluster, seen by its admin user."""
-    memorydb_cluster.flush()
     return admin_client
 
 

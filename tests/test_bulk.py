@@ -6,8 +6,6 @@ import pytest
 from redis import exceptions as rx
 
 from bulk import FAST_READER, Batch, PipelineBatch, UnexpectedReply, _read, batch_class
-from conftest import cluster_config
-from database import connect
 from listing import topology, walk
 from storage import CustomerStore
 from test_listing import add_customers
@@ -42,35 +40,26 @@ def test_a_reader_result_that_is_no_reply_raises_and_is_never_taken_for_one():
 
 @pytest.mark.cluster
 @pytest.mark.parametrize("fast", [True, False])
-def test_both_readers_list_and_page_the_same_customers(redis_cluster, fast):
-    redis_cluster.flush()
-    redis_client = connect(cluster_config(redis_cluster))
-    try:
-        stored = add_customers(redis_client, 3000)
-        redis_client.set("customer:text", "not a hash")
-        store = CustomerStore(redis_client, fast_reader=fast)
-        assert store.batch is (Batch if fast else PipelineBatch)
-        listed = [customer["id"] for batch in walk(store) for customer in batch]
-        assert sorted(listed) == sorted(stored)
-        # The connections went back to their pools, ready for the next command.
-        for node in topology(redis_client)[1]:
-            assert node.ping()
-    finally:
-        redis_client.close()
+def test_both_readers_list_and_page_the_same_customers(cluster_database, fast):
+    stored = add_customers(cluster_database, 3000)
+    cluster_database.set("customer:text", "not a hash")
+    store = CustomerStore(cluster_database, fast_reader=fast)
+    assert store.batch is (Batch if fast else PipelineBatch)
+    listed = [customer["id"] for batch in walk(store) for customer in batch]
+    assert sorted(listed) == sorted(stored)
+    # The connections went back to their pools, ready for the next command.
+    for node in topology(cluster_database)[1]:
+        assert node.ping() is True
 
 
 @pytest.mark.cluster
 def test_a_pipeline_batch_raises_a_scan_error_and_keeps_hgetall_errors_as_replies(
-        redis_cluster):
-    redis_cluster.flush()
-    redis_client = connect(cluster_config(redis_cluster))
-    try:
-        redis_client.set("customer:text", "x")
-        node = redis_client.get_redis_connection(redis_client.get_node_from_key("customer:text"))
-        replies, scanned = PipelineBatch(node, ["customer:text"], (0, "COUNT", 10)).receive()
-        assert isinstance(replies[0], rx.ResponseError) and "WRONGTYPE" in str(replies[0])
-        assert scanned[0] == 0
-        with pytest.raises(rx.ResponseError):
-            PipelineBatch(node, [], ("not-a-cursor",)).receive()
-    finally:
-        redis_client.close()
+        cluster_database):
+    cluster_database.set("customer:text", "x")
+    node = cluster_database.get_redis_connection(
+        cluster_database.get_node_from_key("customer:text"))
+    replies, scanned = PipelineBatch(node, ["customer:text"], (0, "COUNT", 10)).receive()
+    assert isinstance(replies[0], rx.ResponseError) and "WRONGTYPE" in str(replies[0])
+    assert scanned[0] == 0
+    with pytest.raises(rx.ResponseError, match="invalid cursor"):
+        PipelineBatch(node, [], ("not-a-cursor",)).receive()

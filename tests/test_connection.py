@@ -5,6 +5,7 @@ import time
 import pytest
 import trustme
 
+from errors import RETRY_AFTER_SECONDS
 from http_client import call
 from service_process import ServiceProcess
 
@@ -67,7 +68,7 @@ def test_a_wrong_connection_setting_is_one_clear_log_line_and_quick_503s(
             status, headers, body = call(service.url + "/customers/1", timeout=PATIENCE + 5)
             assert (status, body) == (503, {"message": "the database is unavailable; "
                                                        "try again shortly"})
-            assert headers["Retry-After"]
+            assert headers["Retry-After"] == str(RETRY_AFTER_SECONDS)
             assert time.monotonic() - started < PATIENCE
         assert call(service.url + "/healthz")[0] == 200
         status, _, body = call(service.url + "/readyz", timeout=PATIENCE + 5)

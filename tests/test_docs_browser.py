@@ -90,9 +90,8 @@ def try_getting_a_customer(chrome, customer_id: str) -> str:
 
 
 def test_the_page_shows_every_operation_and_tries_a_get_on_its_own_origin(
-        redis_cluster, browser, tmp_path):
-    redis_cluster.flush()
-    env = {**redis_cluster.service_env(), "WORKERS": "1", "LOG_LEVEL": "WARNING"}
+        empty_redis_cluster, browser, tmp_path):
+    env = {**empty_redis_cluster.service_env(), "WORKERS": "1", "LOG_LEVEL": "WARNING"}
     with ServiceProcess(env) as service:
         assert call(service.url + "/customers/ada1", "PUT", ADA)[0] == 201
         requested_urls(browser)  # what the browser sent before it opened the page

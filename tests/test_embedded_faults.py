@@ -118,20 +118,22 @@ def test_while_the_embedded_database_cannot_start_again_readyz_is_503_until_it_c
         config = (data / "redis.conf").read_text()
         # The supervisor starts the server from this file: broken, every start fails.
         (data / "redis.conf").write_text(config + "no-such-setting yes\n")
-        killed = embedded_pid(data)
-        os.kill(killed, signal.SIGKILL)
-        wait_until(lambda: service.output().count("did not start again") >= 2, 20)
-        probes = watch_health(service.url, seconds=1)
-        assert {status for *_, status in probes} == {503}
-        assert max(took for _, took, _ in probes) < 0.5
-        assert call(service.url + "/customers/2", "PUT", {"name": "Ann"})[0] == 503
-        # Every failed start is reaped: a server that just exited waits at most the supervisor's
-        # next look (50 ms) as a zombie, none stays one.
-        children = psutil.Process(service.process.pid).children(recursive=True)
-        zombies = [child for child in children if child.status() == "zombie"]
-        time.sleep(0.5)
-        assert [child.pid for child in zombies if child.is_running()] == []
-        (data / "redis.conf").write_text(config)
+        try:
+            killed = embedded_pid(data)
+            os.kill(killed, signal.SIGKILL)
+            wait_until(lambda: service.output().count("did not start again") >= 2, 20)
+            probes = watch_health(service.url, seconds=1)
+            assert {status for *_, status in probes} == {503}
+            assert max(took for _, took, _ in probes) < 0.5
+            assert call(service.url + "/customers/2", "PUT", {"name": "Ann"})[0] == 503
+            # Every failed start is reaped: a server that just exited waits at most the
+            # supervisor's next look (50 ms) as a zombie, none stays one.
+            children = psutil.Process(service.process.pid).children(recursive=True)
+            zombies = [child for child in children if child.status() == "zombie"]
+            time.sleep(0.5)
+            assert [child.pid for child in zombies if child.is_running()] == []
+        finally:
+            (data / "redis.conf").write_text(config)
         repaired = time.monotonic()
         wait_until(lambda: call(service.url + "/readyz")[0] == 200, 15)
         back = time.monotonic() - repaired
@@ -166,7 +168,8 @@ def test_sigterm_lets_requests_in_flight_finish_then_exits_0_and_stops_redis(tmp
     finally:
         os.kill(database, signal.SIGCONT)
         for sender in senders:
-            sender.join(60)
+            if sender.ident is not None:  # started
+                sender.join(60)
         exit_code = service.stop()
     assert answers == {1: 201, 2: 201, 3: 201}
     assert exit_code == 0

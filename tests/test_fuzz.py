@@ -10,7 +10,6 @@ import fakeredis
 import pytest
 
 from api_contract import DOCUMENT
-from conftest import cluster_config
 from server import create_app
 from service_process import ServiceProcess
 from settings import Config
@@ -31,12 +30,10 @@ def unserved_paths() -> set:
     return {path for path, _ in documented_operations()} - served
 
 
-def test_every_generated_request_gets_an_answer_the_document_allows(redis_cluster, tmp_path,
-                                                                   capsys):
-    redis_cluster.flush()
-    config = cluster_config(redis_cluster)
-    env = {"DBHOST": config.db_host, "DBPORT": str(config.db_port), "DBTLS": "false",
-           "WORKERS": "1", "THREADS": "8", "API_TOKENS": TOKEN, "LOG_LEVEL": "INFO"}
+def test_every_generated_request_gets_an_answer_the_document_allows(empty_redis_cluster,
+                                                                   tmp_path, capsys):
+    env = {**empty_redis_cluster.service_env(), "WORKERS": "1", "THREADS": "8",
+           "API_TOKENS": TOKEN, "LOG_LEVEL": "INFO"}
     report = tmp_path / "report.json"
     excluded = [argument for path in sorted(unserved_paths())
                 for argument in ("--exclude-path", path)]

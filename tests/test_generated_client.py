@@ -10,8 +10,6 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 
-from conftest import cluster_config
-from database import connect
 from service_process import ServiceProcess
 from test_listing import add_customers
 
@@ -52,13 +50,11 @@ def next_cursor(response) -> str | None:
 
 @pytest.mark.parametrize("token", [None, "generated-client-token-0123"])
 def test_a_generated_client_creates_reads_updates_patches_pages_and_deletes(
-        redis_cluster, tmp_path, token):
-    redis_cluster.flush()
+        redis_cluster, cluster_database, tmp_path, token):
     env = {**redis_cluster.service_env(), "WORKERS": "1", "THREADS": "4"}
     if token:
         env["API_TOKENS"] = token
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    database = connect(cluster_config(redis_cluster))
     with ServiceProcess(env) as service:
         request = urllib.request.Request(f"{service.url}/openapi.json", headers=headers)
         with urllib.request.urlopen(request, timeout=10) as served:
@@ -67,10 +63,9 @@ def test_a_generated_client_creates_reads_updates_patches_pages_and_deletes(
         client = (generated.AuthenticatedClient(base_url=service.url, token=token) if token
                   else generated.Client(base_url=service.url))
         try:
-            use(client, models, database)
+            use(client, models, cluster_database)
         finally:
             client.get_httpx_client().close()
-    database.close()
 
 
 def use(client, models, database):

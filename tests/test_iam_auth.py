@@ -140,12 +140,12 @@ def iam_config(memorydb_cluster):
 
 @pytest.mark.cluster
 def test_the_service_authenticates_with_new_tokens_as_the_clock_passes_the_refresh_point(
-        memorydb_cluster, iam_config):
+        memorydb_cluster, iam_config, open_database):
     provider = IamCredentials(USER, CLUSTER, REGION, CREDENTIALS)
     later = START + timedelta(seconds=TOKEN_MAX_AGE_SECONDS + 1)
     with time_machine.travel(START, tick=False) as clock:
         allow_only(memorydb_cluster, botocore_token(START))
-        redis = connect(iam_config, credential_provider=provider)
+        redis = open_database(iam_config, credential_provider=provider)
         service = create_app(iam_config, redis).test_client()
         created = service.post("/customers", json={"name": "Ann"})
         assert created.status_code == 201
@@ -155,9 +155,12 @@ def test_the_service_authenticates_with_new_tokens_as_the_clock_passes_the_refre
         # Past the refresh point, only the new token opens the door.
         clock.shift(TOKEN_MAX_AGE_SECONDS + 1)
         allow_only(memorydb_cluster, botocore_token(later))
+        # By hand: the newcomer's connections must be closed before they are counted below.
         newcomer = connect(iam_config, credential_provider=provider)
-        assert create_app(iam_config, newcomer).test_client().get(path).json == created.json
-        newcomer.close()
+        try:
+            assert create_app(iam_config, newcomer).test_client().get(path).json == created.json
+        finally:
+            newcomer.close()
         # Connections opened with the old token still serve until they authenticate again.
         assert service.put(path, json={"vip": True}).status_code == 204
 
@@ -180,33 +183,34 @@ def test_the_service_authenticates_with_new_tokens_as_the_clock_passes_the_refre
         assert connections and {connection["cmd"] for connection in connections} == {"auth"}
 
         assert service.get(path).json == {**created.json, "vip": True, "tier": "gold"}
-        redis.close()
     denied = [entry for node in memorydb_cluster.nodes
               for entry in memorydb_cluster.admin(node).execute_command("ACL LOG")]
     assert denied == []
 
 
 @pytest.mark.cluster
-def test_the_background_thread_reauthenticates_every_connection(memorydb_cluster, iam_config):
+def test_the_background_thread_reauthenticates_every_connection(memorydb_cluster, iam_config,
+                                                                open_database):
     provider = IamCredentials(USER, CLUSTER, REGION, CREDENTIALS)
     with time_machine.travel(START, tick=False) as clock:
         allow_only(memorydb_cluster, botocore_token(START))
-        redis = connect(iam_config, credential_provider=provider)
+        redis = open_database(iam_config, credential_provider=provider)
         service = create_app(iam_config, redis).test_client()
         assert service.get("/customers?limit=10").status_code == 200
         clock.shift(60)
         allow_only(memorydb_cluster, botocore_token(START + timedelta(seconds=60)))
         keeper = KeepAuthenticated(redis, provider, refresh_seconds=0.05, reauth_seconds=0.1)
         keeper.start()
-        deadline = time.monotonic() + 10
-        while keeper.rounds == 0 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        keeper.stop()
-        keeper.join(5)
+        try:
+            deadline = time.monotonic() + 10
+            while keeper.rounds == 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+        finally:
+            keeper.stop()
+            keeper.join(5)
         assert keeper.rounds >= 1
         assert {connection["cmd"] for connection in iam_connections(memorydb_cluster)} == {"auth"}
         assert service.get("/customers?limit=10").status_code == 200
-        redis.close()
 
 
 @pytest.mark.cluster

@@ -13,9 +13,9 @@ def resident_megabytes(process: psutil.Process) -> float:
 
 
 @pytest.mark.cluster
-def test_new_shapes_of_max_fields_fields_do_not_grow_a_worker(redis_cluster):
-    redis_cluster.flush()
-    env = {**redis_cluster.service_env(), "WORKERS": "1", "THREADS": "2", "LOG_LEVEL": "WARNING"}
+def test_new_shapes_of_max_fields_fields_do_not_grow_a_worker(empty_redis_cluster):
+    env = {**empty_redis_cluster.service_env(), "WORKERS": "1", "THREADS": "2",
+           "LOG_LEVEL": "WARNING"}
     with ServiceProcess(env) as service:
         workers = psutil.Process(service.process.pid).children()
         assert len(workers) == 1

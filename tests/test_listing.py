@@ -13,7 +13,7 @@ from flask import Flask
 
 from bulk import Batch, PipelineBatch
 from conftest import cluster_config
-from database import connect, primary_of
+from database import primary_of
 from listing import encode_cursor, fetch, topology, walk
 from local_cluster import LocalCluster
 from server import create_app, cursor_key, stream_json_array
@@ -93,41 +93,33 @@ def test_streaming_returns_the_same_customers_as_paging(client, redis_client):
 
 @pytest.mark.cluster
 @pytest.mark.parametrize("batch", [Batch, PipelineBatch])
-def test_fetch_follows_a_moved_key_and_skips_keys_gone_or_retyped(redis_cluster, batch):
-    redis_cluster.flush()
-    redis_client = connect(cluster_config(redis_cluster))
-    try:
-        redis_client.hset("customer:a", mapping={"name": "A", "n": "1", "_type:n": "int"})
-        redis_client.set("customer:text", "not a hash")
-        home, other = primary_of(redis_client, "customer:a"), primary_of(redis_client, "customer:b")
-        if other.connection_pool is home.connection_pool:
-            other = primary_of(redis_client, "customer:c")
-        assert other.connection_pool is not home.connection_pool
-        customer = {"id": "a", "name": "A", "n": 1}
-        assert fetch(redis_client, other, ["customer:a"], batch) == [customer]
-        text_home = primary_of(redis_client, "customer:text")
-        assert fetch(redis_client, text_home, ["customer:text", "customer:gone"], batch) == []
-        assert fetch(redis_client, home, ["customer:a"], batch) == [customer]
-        # The connection the batch used is back in the pool, and serves the next command.
-        assert home.hgetall("customer:a") == {"name": "A", "n": "1", "_type:n": "int"}
-    finally:
-        redis_client.close()
+def test_fetch_follows_a_moved_key_and_skips_keys_gone_or_retyped(cluster_database, batch):
+    redis_client = cluster_database
+    redis_client.hset("customer:a", mapping={"name": "A", "n": "1", "_type:n": "int"})
+    redis_client.set("customer:text", "not a hash")
+    home, other = primary_of(redis_client, "customer:a"), primary_of(redis_client, "customer:b")
+    if other.connection_pool is home.connection_pool:
+        other = primary_of(redis_client, "customer:c")
+    assert other.connection_pool is not home.connection_pool
+    customer = {"id": "a", "name": "A", "n": 1}
+    assert fetch(redis_client, other, ["customer:a"], batch) == [customer]
+    text_home = primary_of(redis_client, "customer:text")
+    assert fetch(redis_client, text_home, ["customer:text", "customer:gone"], batch) == []
+    assert fetch(redis_client, home, ["customer:a"], batch) == [customer]
+    # The connection the batch used is back in the pool, and serves the next command.
+    assert home.hgetall("customer:a") == {"name": "A", "n": "1", "_type:n": "int"}
 
 
 @pytest.mark.cluster
-def test_a_walk_abandoned_midway_gives_its_connections_back(redis_cluster):
-    redis_cluster.flush()
-    redis_client = connect(cluster_config(redis_cluster), max_connections=2)
-    try:
-        stored = add_customers(redis_client, 3000)
-        store = CustomerStore(redis_client)
-        for _ in range(5):
-            batches = walk(store)
-            next(batches)
-            batches.close()
-        assert {customer["id"] for batch in walk(store) for customer in batch} == stored
-    finally:
-        redis_client.close()
+def test_a_walk_abandoned_midway_gives_its_connections_back(empty_redis_cluster, open_database):
+    redis_client = open_database(cluster_config(empty_redis_cluster), max_connections=2)
+    stored = add_customers(redis_client, 3000)
+    store = CustomerStore(redis_client)
+    for _ in range(5):
+        batches = walk(store)
+        next(batches)
+        batches.close()
+    assert {customer["id"] for batch in walk(store) for customer in batch} == stored
 
 
 def signed(position: list, config: Config | None = None) -> str:
@@ -193,11 +185,9 @@ def churn(client, stop: threading.Event, writer: int, per_second: float, counts:
 @pytest.mark.cluster
 @pytest.mark.parametrize("writers", [0, 3])
 def test_paging_while_others_write_returns_each_lasting_customer_once_or_twice(
-        redis_cluster, writers):
-    redis_cluster.flush()
-    redis_client = connect(cluster_config(redis_cluster))
-    app = create_app(cluster_config(redis_cluster), redis_client)
-    lasting = add_customers(redis_client, 5000, prefix="lasting")
+        redis_cluster, cluster_database, writers):
+    app = create_app(cluster_config(redis_cluster), cluster_database)
+    lasting = add_customers(cluster_database, 5000, prefix="lasting")
     stop, counts = threading.Event(), [0] * writers
     threads = [threading.Thread(target=churn, args=(app.test_client(), stop, n, 150, counts))
                for n in range(writers)]
@@ -213,7 +203,6 @@ def test_paging_while_others_write_returns_each_lasting_customer_once_or_twice(
         for thread in threads:
             thread.join(30)
     live = len(app.test_client().get("/customers").get_json())
-    redis_client.close()
     times = Counter(listed)
     assert lasting <= set(times)
     assert max(times.values()) <= (2 if writers else 1)
@@ -239,8 +228,9 @@ def node_of(cluster, plain_client):
 
 
 @pytest.mark.cluster
-def test_a_cursor_from_before_a_failover_is_410_never_500(failover_cluster):
-    redis_client = connect(cluster_config(failover_cluster))
+def test_a_cursor_from_before_a_failover_is_410_never_500(failover_cluster, open_database):
+    failover_cluster.flush()
+    redis_client = open_database(cluster_config(failover_cluster))
     client = create_app(cluster_config(failover_cluster), redis_client).test_client()
     add_customers(redis_client, 200)
     first = client.get("/customers?limit=10")
@@ -269,16 +259,16 @@ def test_a_cursor_from_before_a_failover_is_410_never_500(failover_cluster):
             time.sleep(0.2)
         assert set(statuses[:-1]) <= {503} and statuses[-1] == 200, statuses
     finally:
-        redis_client.close()
         failover_cluster.start_node(killed)
         failover_cluster.wait_ok()
 
 
 @pytest.mark.cluster
-def test_a_walk_interrupted_by_a_failover_resumes_without_duplicates(failover_cluster):
+def test_a_walk_interrupted_by_a_failover_resumes_without_duplicates(failover_cluster,
+                                                                    open_database):
     failover_cluster.wait_ok()
     failover_cluster.flush()
-    redis_client = connect(cluster_config(failover_cluster))
+    redis_client = open_database(cluster_config(failover_cluster))
     stored = add_customers(redis_client, 9000)
     primaries = topology(redis_client)[1]
     deadline = time.monotonic() + 30
@@ -294,8 +284,8 @@ def test_a_walk_interrupted_by_a_failover_resumes_without_duplicates(failover_cl
     try:
         listed += [customer["id"] for batch in batches for customer in batch]
     finally:
-        redis_client.close()
         failover_cluster.start_node(killed)
+        failover_cluster.wait_ok()
     assert len(listed) == len(set(listed))
     assert set(listed) == stored
 

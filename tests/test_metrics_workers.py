@@ -11,8 +11,8 @@ import psutil
 import pytest
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
-from redis.cluster import RedisCluster
 
+from conftest import cluster_config
 from embedded import free_port
 from http_client import call
 from service_process import ServiceProcess
@@ -105,13 +105,13 @@ def stream_held_open(service) -> tuple[socket.socket, int]:
     raise AssertionError("no worker holds the list's connection")
 
 
-def test_a_worker_killed_with_sigkill_loses_no_count_already_scraped(service, redis_cluster):
-    cluster = RedisCluster(host="127.0.0.1", port=redis_cluster.nodes[0].port)
-    pipe = cluster.pipeline(transaction=False)
+def test_a_worker_killed_with_sigkill_loses_no_count_already_scraped(service, redis_cluster,
+                                                                     open_database):
+    # Not emptied first (as cluster_database would): the module's service keeps its customer.
+    pipe = open_database(cluster_config(redis_cluster)).pipeline(transaction=False)
     for n in range(STREAMED):
         pipe.hset(f"customer:streamed{n}", mapping={"name": "Joe", "note": "x" * 100})
     pipe.execute()
-    cluster.close()
     try:
         kill_a_worker_mid_list(service)
     finally:

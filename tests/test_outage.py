@@ -6,7 +6,7 @@ import time
 import pytest
 
 from conftest import cluster_config
-from database import connect
+from errors import RETRY_AFTER_SECONDS
 from local_cluster import LocalCluster
 from server import create_app
 
@@ -35,15 +35,17 @@ def wait_for_status(client, path, status, deadline_seconds=30):
 
 @pytest.fixture
 def outage_cluster(tmp_path, redis_server_binary):
+    """A cluster of this test's own, not started: the test kills and starts it; stopped after."""
     cluster = LocalCluster(redis_server_binary, tmp_path)
     yield cluster
     cluster.stop()
 
 
-def test_whole_cluster_down_is_503_then_recovers_without_a_restart(outage_cluster):
+def test_whole_cluster_down_is_503_then_recovers_without_a_restart(outage_cluster,
+                                                                   open_database):
     outage_cluster.start()
     config = cluster_config(outage_cluster, db_timeout=1.0, db_retry_seconds=1.0)
-    app = create_app(config, connect(config))
+    app = create_app(config, open_database(config))
     client = app.test_client()
     for n in range(20):
         assert client.put(f"/customers/c{n}", json={"n": n}).status_code == 201
@@ -55,7 +57,7 @@ def test_whole_cluster_down_is_503_then_recovers_without_a_restart(outage_cluste
         response, seconds = answer_within(client, path, 5)
         assert response.status_code == 503
         assert response.get_json() == {"message": "the database is unavailable; try again shortly"}
-        assert int(response.headers["Retry-After"]) > 0
+        assert response.headers["Retry-After"] == str(RETRY_AFTER_SECONDS)
         assert seconds < 5
     response = client.put("/customers/c1", json={"n": -1})
     assert response.status_code == 503
@@ -70,9 +72,10 @@ def test_whole_cluster_down_is_503_then_recovers_without_a_restart(outage_cluste
     assert sorted(customer["n"] for customer in listed) == list(range(20))
 
 
-def test_the_service_starts_while_the_database_is_down_and_serves_once_it_is_up(outage_cluster):
+def test_the_service_starts_while_the_database_is_down_and_serves_once_it_is_up(
+        outage_cluster, open_database):
     config = cluster_config(outage_cluster, db_timeout=1.0, db_retry_seconds=1.0)
-    client = create_app(config, connect(config)).test_client()
+    client = create_app(config, open_database(config)).test_client()
 
     response, seconds = answer_within(client, "/customers/1", 5)
     assert response.status_code == 503

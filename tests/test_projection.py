@@ -5,8 +5,6 @@ import json
 import pytest
 
 from bulk import Batch, PipelineBatch, _hmget_each
-from conftest import cluster_config
-from database import connect
 from listing import walk
 from projection import arguments, customers_of
 from server import create_app
@@ -103,26 +101,21 @@ def test_hmget_is_packed_as_redis_reads_it_for_any_text():
 
 @pytest.mark.cluster
 @pytest.mark.parametrize("fast", [True, False])
-def test_both_readers_project_the_same_customers(redis_cluster, fast):
-    redis_cluster.flush()
-    redis_client = connect(cluster_config(redis_cluster))
-    try:
-        add_customers(redis_client, 2000)
-        redis_client.hset("customer:joe", mapping={"naïve": "oui", "n": "7", "_type:n": "int"})
-        redis_client.hset("customer:bare", "other", "1")
-        redis_client.set("customer:text", "not a hash")
-        store = CustomerStore(redis_client, fast_reader=fast)
-        assert store.batch is (Batch if fast else PipelineBatch)
-        asked = arguments(("n", "naïve"))
-        listed = {customer["id"]: customer for batch in walk(store, asked) for customer in batch}
-        assert len(listed) == 2002
-        assert listed["c5"] == {"id": "c5", "n": "5"}
-        assert listed["joe"] == {"id": "joe", "n": 7, "naïve": "oui"}
-        assert listed["bare"] == {"id": "bare"}
-        for node in redis_client.get_primaries():
-            assert redis_client.get_redis_connection(node).ping()
-    finally:
-        redis_client.close()
+def test_both_readers_project_the_same_customers(cluster_database, fast):
+    add_customers(cluster_database, 2000)
+    cluster_database.hset("customer:joe", mapping={"naïve": "oui", "n": "7", "_type:n": "int"})
+    cluster_database.hset("customer:bare", "other", "1")
+    cluster_database.set("customer:text", "not a hash")
+    store = CustomerStore(cluster_database, fast_reader=fast)
+    assert store.batch is (Batch if fast else PipelineBatch)
+    asked = arguments(("n", "naïve"))
+    listed = {customer["id"]: customer for batch in walk(store, asked) for customer in batch}
+    assert len(listed) == 2002
+    assert listed["c5"] == {"id": "c5", "n": "5"}
+    assert listed["joe"] == {"id": "joe", "n": 7, "naïve": "oui"}
+    assert listed["bare"] == {"id": "bare"}
+    for node in cluster_database.get_primaries():
+        assert cluster_database.get_redis_connection(node).ping() is True
 
 
 def test_a_key_deleted_between_scan_and_read_is_not_listed(redis_client):

@@ -9,7 +9,6 @@ import urllib.request
 import pytest
 
 import request_log
-from conftest import cluster_config
 from http_client import call
 from service_process import ServiceProcess
 from settings import ConfigError, load_config
@@ -63,9 +62,10 @@ def test_an_unusable_client_request_id_is_replaced_by_a_new_one(client, request_
 def test_errors_and_refusals_are_logged_and_carry_an_id_too(client, request_lines):
     response = client.post("/customers", data="{oops", content_type="application/json")
     assert response.status_code == 400
-    assert response.headers["X-Request-ID"]
+    assert re.fullmatch(r"[0-9a-f]{32}", response.headers["X-Request-ID"])
     assert client.delete("/customers").status_code == 405
     assert [(r.method, r.status) for r in request_lines()] == [("POST", 400), ("DELETE", 405)]
+    assert request_lines()[0].request_id == response.headers["X-Request-ID"]
 
 
 def test_a_path_cannot_forge_a_second_log_line(client, request_lines):
@@ -91,12 +91,10 @@ def test_the_json_format_writes_one_object_per_line_with_the_fields():
 
 
 @pytest.mark.cluster
-def test_the_running_service_logs_json_lines_without_bodies_or_tokens(redis_cluster):
-    redis_cluster.flush()
-    config = cluster_config(redis_cluster)
+def test_the_running_service_logs_json_lines_without_bodies_or_tokens(empty_redis_cluster):
     token = "log-test-token-0123456789"
-    env = {"DBHOST": config.db_host, "DBPORT": str(config.db_port), "DBTLS": "false",
-           "WORKERS": "1", "LOG_FORMAT": "json", "API_TOKENS": token}
+    env = {**empty_redis_cluster.service_env(), "WORKERS": "1", "LOG_FORMAT": "json",
+           "API_TOKENS": token}
     with ServiceProcess(env) as service:
         assert call(service.url + "/customers/1", "GET")[0] == 401
         put = urllib.request.Request(service.url + "/customers/1", json.dumps(JOE).encode(),

@@ -14,9 +14,8 @@ import fakeredis
 import pytest
 from dotenv import dotenv_values
 
-from conftest import cluster_config
-from database import connect
 from embedded import free_port
+from errors import RETRY_AFTER_SECONDS
 from server import create_app
 from service_process import SERVER, ServiceProcess
 from settings import Config, ConfigError, load_config
@@ -160,13 +159,13 @@ def down_database() -> Config:
     ((), BEARER, "10.1.2.3", False),
 ])
 def test_readyz_tells_why_only_to_a_trusted_request_and_always_to_the_log(
-        down_database, caplog, tokens, headers, remote, details):
+        down_database, open_database, caplog, tokens, headers, remote, details):
     caplog.set_level(logging.WARNING)
     config = dataclasses.replace(down_database, api_tokens=tokens)
-    client = create_app(config, connect(config)).test_client()
+    client = create_app(config, open_database(config)).test_client()
     response = client.get("/readyz", headers=headers, environ_base={"REMOTE_ADDR": remote})
     assert response.status_code == 503
-    assert response.headers["Retry-After"]
+    assert response.headers["Retry-After"] == str(RETRY_AFTER_SECONDS)
     why = "not ready: database unreachable: "
     message = response.get_json()["message"]
     if details:
@@ -196,15 +195,12 @@ def test_the_configuration_repr_shows_no_password_and_no_token():
 
 
 @pytest.mark.cluster
-def test_the_connected_client_shows_no_password_in_its_reprs(memorydb_cluster):
-    client = connect(cluster_config(memorydb_cluster))
-    try:
-        cluster = client.client()
-        nodes = cluster.get_nodes()
-        shown = [repr(client), repr(cluster), *map(repr, nodes),
-                 *(repr(node.redis_connection.connection_pool) for node in nodes)]
-    finally:
-        client.close()
+def test_the_connected_client_shows_no_password_in_its_reprs(memorydb_cluster,
+                                                             memorydb_database):
+    cluster = memorydb_database.client()
+    nodes = cluster.get_nodes()
+    shown = [repr(memorydb_database), repr(cluster), *map(repr, nodes),
+             *(repr(node.redis_connection.connection_pool) for node in nodes)]
     assert len(nodes) >= memorydb_cluster.primaries
     assert not [text for text in shown if memorydb_cluster.security.app_password in text]
 
@@ -316,8 +312,8 @@ def chunked_head(method: str, path: str) -> bytes:
 
 
 @pytest.mark.cluster
+@pytest.mark.usefixtures("empty_memorydb_cluster")
 def test_the_real_service_refuses_a_chunked_body_over_the_limit(memorydb_cluster):
-    memorydb_cluster.flush()
     env = {**memorydb_cluster.service_env(), "API_TOKENS": TOKEN, "WORKERS": "1",
            "MAX_BODY_BYTES": str(LIMIT)}
     with ServiceProcess(env) as service:

@@ -5,6 +5,7 @@ import json
 import os
 import socket
 import time
+from contextlib import closing
 
 import pytest
 
@@ -25,17 +26,18 @@ IDLE_SECONDS = 3
 def many_customers(redis_cluster):
     """The real cluster holding CUSTOMERS customers and the probe's."""
     redis_cluster.flush()
-    client = connect(cluster_config(redis_cluster))
-    pipeline = client.pipeline()
-    for number in range(CUSTOMERS):
-        pipeline.hset(f"customer:c{number:06d}",
-                      mapping={"name": f"Customer {number}", "email": f"c{number}@example.com",
-                               "city": "Lisbon", "plan": "standard"})
-        if number % 5000 == 4999:
-            pipeline.execute()
-    pipeline.execute()
-    client.hset(f"customer:{PROBE_ID}", mapping={"name": "Probe"})
-    client.close()
+    # By hand: the function-scoped cluster_database cannot serve a module's fixture.
+    with closing(connect(cluster_config(redis_cluster))) as client:
+        pipeline = client.pipeline()
+        for number in range(CUSTOMERS):
+            pipeline.hset(f"customer:c{number:06d}",
+                          mapping={"name": f"Customer {number}",
+                                   "email": f"c{number}@example.com",
+                                   "city": "Lisbon", "plan": "standard"})
+            if number % 5000 == 4999:
+                pipeline.execute()
+        pipeline.execute()
+        client.hset(f"customer:{PROBE_ID}", mapping={"name": "Probe"})
     yield redis_cluster
     redis_cluster.flush()
 

@@ -15,8 +15,8 @@ import redis
 from flask import Flask
 
 from conftest import cluster_config
-from database import connect
 from embedded import free_port
+from errors import RETRY_AFTER_SECONDS
 from http_client import call
 from listing import walk
 from local_cluster import LocalCluster
@@ -251,10 +251,10 @@ def test_an_import_over_max_import_bytes_is_413(redis_client):
 
 
 @pytest.mark.cluster
-def test_an_import_larger_than_max_body_bytes_streams_through_the_real_service(redis_cluster):
-    redis_cluster.flush()
-    env = {**redis_cluster.service_env(), "WORKERS": "1", "THREADS": "2", "LOG_LEVEL": "WARNING",
-           "MAX_BODY_BYTES": "1000", "MAX_IMPORT_BYTES": "300000"}
+def test_an_import_larger_than_max_body_bytes_streams_through_the_real_service(
+        empty_redis_cluster):
+    env = {**empty_redis_cluster.service_env(), "WORKERS": "1", "THREADS": "2",
+           "LOG_LEVEL": "WARNING", "MAX_BODY_BYTES": "1000", "MAX_IMPORT_BYTES": "300000"}
     body = lines(*({"id": f"c{n}", "name": f"Customer {n}", "n": n} for n in range(5000)))
     assert 100_000 < len(body) < 300_000
     with ServiceProcess(env) as service:
@@ -302,68 +302,54 @@ def test_an_import_larger_than_max_body_bytes_streams_through_the_real_service(r
 
 
 @pytest.mark.cluster
-def test_a_chunk_whose_connections_broke_is_sent_again_with_the_same_new_ids(redis_cluster):
-    redis_cluster.flush()
-    redis_client = connect(cluster_config(redis_cluster))
-    try:
-        store = CustomerStore(redis_client, retry_seconds=5)
-        tally = Import(store)
-        for number in range(1, 301):
-            tally.add(number, b'{"name": "Joe", "n": %d}' % number, 10000, 100)
-        tally.apply()  # sent, not yet read
-        pending, chunk, _ = tally.in_flight
-        for _, connection, _ in pending.sent:
-            connection.disconnect()
-        tally.finish()
-        assert (tally.created + tally.updated, tally.failed) == (300, 0)
-        stored = [key for node in redis_client.get_primaries()
-                  for key in redis_client.get_redis_connection(node).scan_iter(count=1000)]
-        assert sorted(stored) == sorted(f"customer:{customer_id}" for customer_id, _ in chunk)
-    finally:
-        redis_client.close()
+def test_a_chunk_whose_connections_broke_is_sent_again_with_the_same_new_ids(cluster_database):
+    store = CustomerStore(cluster_database, retry_seconds=5)
+    tally = Import(store)
+    for number in range(1, 301):
+        tally.add(number, b'{"name": "Joe", "n": %d}' % number, 10000, 100)
+    tally.apply()  # sent, not yet read
+    pending, chunk, _ = tally.in_flight
+    for _, connection, _ in pending.sent:
+        connection.disconnect()
+    tally.finish()
+    assert (tally.created + tally.updated, tally.failed) == (300, 0)
+    stored = [key for node in cluster_database.get_primaries()
+              for key in cluster_database.get_redis_connection(node).scan_iter(count=1000)]
+    assert sorted(stored) == sorted(f"customer:{customer_id}" for customer_id, _ in chunk)
 
 
 @pytest.mark.cluster
-def test_primaries_without_the_merge_script_get_it_and_apply_every_line(redis_cluster):
-    redis_cluster.flush()
+def test_primaries_without_the_merge_script_get_it_and_apply_every_line(redis_cluster,
+                                                                        cluster_database):
     for node in redis_cluster.primary_nodes():
         redis_cluster.admin(node).script_flush()
-    redis_client = connect(cluster_config(redis_cluster))
-    try:
-        client = create_app(Config(), redis_client).test_client()
-        body = lines(*({"id": f"c{n}", "n": n} for n in range(500)))
-        summary = client.post("/customers", data=body, headers=NDJSON_IN).get_json()
-        assert (summary["created"], summary["failed"]) == (500, 0)
-        assert client.get("/customers/c499").get_json() == {"id": "c499", "n": 499}
-    finally:
-        redis_client.close()
+    client = create_app(Config(), cluster_database).test_client()
+    body = lines(*({"id": f"c{n}", "n": n} for n in range(500)))
+    summary = client.post("/customers", data=body, headers=NDJSON_IN).get_json()
+    assert (summary["created"], summary["failed"]) == (500, 0)
+    assert client.get("/customers/c499").get_json() == {"id": "c499", "n": 499}
 
 
 @pytest.mark.cluster
-def test_the_memorydb_cluster_imports_with_dbwaitreplicas_under_the_app_user(memorydb_cluster):
-    memorydb_cluster.flush()
-    config = cluster_config(memorydb_cluster, db_wait_replicas=1)
-    redis_client = connect(config)
-    try:
-        client = create_app(config, redis_client).test_client()
-        body = lines(*({"id": f"c{n}", "n": n, "vip": n % 2 == 0} for n in range(300)))
-        summary = client.post("/customers", data=body, headers=NDJSON_IN).get_json()
-        assert (summary["created"], summary["failed"]) == (300, 0)
-        assert len(exported(client)) == 300
-        assert by_id(exported(client, "?fields=vip"))["c2"] == {"id": "c2", "vip": True}
-    finally:
-        redis_client.close()
+def test_the_memorydb_cluster_imports_with_dbwaitreplicas_under_the_app_user(
+        empty_memorydb_cluster, open_database):
+    config = cluster_config(empty_memorydb_cluster, db_wait_replicas=1)
+    client = create_app(config, open_database(config)).test_client()
+    body = lines(*({"id": f"c{n}", "n": n, "vip": n % 2 == 0} for n in range(300)))
+    summary = client.post("/customers", data=body, headers=NDJSON_IN).get_json()
+    assert (summary["created"], summary["failed"]) == (300, 0)
+    assert len(exported(client)) == 300
+    assert by_id(exported(client, "?fields=vip"))["c2"] == {"id": "c2", "vip": True}
 
 
-def test_an_import_export_or_projection_while_the_database_is_down_is_503():
+def test_an_import_export_or_projection_while_the_database_is_down_is_503(open_database):
     config = Config(db_host="127.0.0.1", db_port=free_port(), db_timeout=0.5,
                     db_retry_seconds=0.5)
-    redis_client = connect(config)
-    client = create_app(config, redis_client).test_client()
+    client = create_app(config, open_database(config)).test_client()
     body = lines(*({"id": f"c{n}", "n": n} for n in range(10)))
     response = client.post("/customers", data=body, headers=NDJSON_IN)
     assert response.status_code == 503
-    assert response.headers["Retry-After"]
+    assert response.headers["Retry-After"] == str(RETRY_AFTER_SECONDS)
     assert response.get_json()["message"] == (
         "the database is unavailable; no line was applied (0 created, 0 updated, 0 failed); "
         "the next chunk of lines may be in part, the lines after it were not; try again shortly")
@@ -395,9 +381,9 @@ def post_lines(port: int, count: int, prefix: str) -> dict:
 
 
 @pytest.mark.cluster
-def test_a_worker_does_not_grow_with_the_size_of_an_import(redis_cluster):
-    redis_cluster.flush()
-    env = {**redis_cluster.service_env(), "WORKERS": "1", "THREADS": "2", "LOG_LEVEL": "WARNING"}
+def test_a_worker_does_not_grow_with_the_size_of_an_import(empty_redis_cluster):
+    env = {**empty_redis_cluster.service_env(), "WORKERS": "1", "THREADS": "2",
+           "LOG_LEVEL": "WARNING"}
     with ServiceProcess(env) as service:
         [worker] = psutil.Process(service.process.pid).children()
         assert post_lines(service.port, 20_000, "warm")["created"] == 20_000
@@ -421,14 +407,14 @@ def test_a_worker_does_not_grow_with_the_size_of_an_import(redis_cluster):
 
 
 @pytest.mark.cluster
-def test_an_import_through_a_primary_failover_applies_every_line_once(tmp_path,
+def test_an_import_through_a_primary_failover_applies_every_line_once(tmp_path, open_database,
                                                                       redis_server_binary):
     count = 30_000
     body = b"".join(b'{"name": "Joe", "n": %d}\n' % n for n in range(count))  # new ids
     with LocalCluster(redis_server_binary, tmp_path, replicas=1) as cluster:
         # DBWAITREPLICAS=1: an acknowledged chunk is on a replica, so the failover keeps it.
         config = cluster_config(cluster, db_wait_replicas=1, db_retry_seconds=40)
-        redis_client = connect(config)
+        redis_client = open_database(config)
         client = create_app(config, redis_client).test_client()
         answered = {}
         importing = threading.Thread(target=lambda: answered.update(
@@ -452,6 +438,5 @@ def test_an_import_through_a_primary_failover_applies_every_line_once(tmp_path,
         assert (summary["created"] + summary["updated"], summary["failed"]) == (count, 0)
         stored = [customer for batch in walk(CustomerStore(redis_client, retry_seconds=30))
                   for customer in batch]
-        redis_client.close()
     assert len(stored) == count
     assert sorted(customer["n"] for customer in stored) == list(range(count))
