@@ -10,7 +10,7 @@ from redis import exceptions as rx
 from redis.crc import key_slot
 
 from conftest import cluster_config
-from database import connect, retried
+from database import retried
 from http_client import call
 from idempotency import SLOTS, Created, IdempotentCreates, fingerprint, id_in_slot, record_key
 from mixed_load import wait_until
@@ -202,13 +202,13 @@ def test_a_repeat_while_the_first_is_in_progress_is_409_until_its_lease_ends(
 
 @pytest.mark.cluster
 def test_a_repeat_while_the_first_waits_for_its_replica_is_409_and_one_customer_is_made(
-        memorydb_cluster):
-    memorydb_cluster.flush()
+        empty_memorydb_cluster, open_database):
+    memorydb_cluster = empty_memorydb_cluster
     # Two services on one database: the first waits up to 10 s for the replica, the second
     # (the repeat's) 0.5 s, so that the repeat is answered while the first still waits.
     patient, hasty = (cluster_config(memorydb_cluster, db_wait_replicas=1, db_timeout=seconds)
                       for seconds in (20.0, 1.0))
-    database, other_database = connect(patient), connect(hasty)
+    database, other_database = open_database(patient), open_database(hasty)
     app, other = create_app(patient, database), create_app(hasty, other_database)
     # A keyed create first, so that the primary has the script before its replica is paused.
     assert post(other.test_client(), {"warm": 1}, key="another").status_code == 201
@@ -241,32 +241,25 @@ def test_a_repeat_while_the_first_waits_for_its_replica_is_409_and_one_customer_
         assert [one for one in listed if "warm" not in one] == [answers[0].get_json()]
     finally:
         admin.close()
-        database.close()
-        other_database.close()
 
 
 @pytest.mark.cluster
-def test_the_least_privilege_user_creates_once_with_dbwaitreplicas(memorydb_cluster):
-    memorydb_cluster.flush()
-    config = cluster_config(memorydb_cluster, db_wait_replicas=1)
+def test_the_least_privilege_user_creates_once_with_dbwaitreplicas(empty_memorydb_cluster,
+                                                                  open_database):
+    config = cluster_config(empty_memorydb_cluster, db_wait_replicas=1)
     assert config.db_username == "app"
-    database = connect(config)
-    try:
-        client = create_app(config, database).test_client()
-        first = post(client, ANN)
-        assert first.status_code == 201
-        assert post(client, ANN).headers["Idempotent-Replayed"] == "true"
-        assert post(client, {"x": 1}).status_code == 422
-        assert client.get(first.headers["Location"]).get_json() == first.get_json()
-    finally:
-        database.close()
+    client = create_app(config, open_database(config)).test_client()
+    first = post(client, ANN)
+    assert first.status_code == 201
+    assert post(client, ANN).headers["Idempotent-Replayed"] == "true"
+    assert post(client, {"x": 1}).status_code == 422
+    assert client.get(first.headers["Location"]).get_json() == first.get_json()
 
 
 @pytest.mark.cluster
-@pytest.mark.parametrize("cluster", ["redis_cluster", "memorydb_cluster"])
+@pytest.mark.parametrize("cluster", ["empty_redis_cluster", "empty_memorydb_cluster"])
 def test_twenty_concurrent_requests_with_one_key_create_one_customer(request, cluster):
     cluster = request.getfixturevalue(cluster)
-    cluster.flush()
     # With replicas the service waits for them: a repeat in that wait is a 409, never a create.
     env = {**cluster.service_env(), "WORKERS": "2", "THREADS": "8",
            "DBWAITREPLICAS": "1" if cluster.replicas else "0"}
