@@ -55,6 +55,18 @@ def load(cluster_client, start: int, stop: int) -> None:
         pipe.execute()
 
 
+def loaded(cluster, ids: int) -> dict:
+    """Store ids customers in a local cluster; return the service's environment for it."""
+    from redis.cluster import RedisCluster
+
+    db = RedisCluster(host="127.0.0.1", port=cluster.nodes[0].port, decode_responses=True)
+    try:
+        load(db, 0, ids)
+    finally:
+        db.close()
+    return {**cluster.service_env(), "LOG_LEVEL": "WARNING"}
+
+
 def stored(db) -> int:
     """Return how many keys the primaries hold."""
     return sum(db.get_redis_connection(node).dbsize() for node in db.get_primaries())

@@ -22,7 +22,7 @@ import psutil
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent / "src"), str(HERE.parent / "tests"), str(HERE)]
 
-from bench import load, wait_http, wrk  # noqa: E402
+from bench import loaded, wait_http, wrk  # noqa: E402
 
 from embedded import find_redis_server, free_port  # noqa: E402
 from local_cluster import LocalCluster  # noqa: E402
@@ -88,13 +88,7 @@ def main() -> int:
         return serve_noop()
     with tempfile.TemporaryDirectory() as directory, \
             LocalCluster(find_redis_server(None), directory, appendfsync="everysec") as cluster:
-        from redis.cluster import RedisCluster
-
-        db = RedisCluster(host="127.0.0.1", port=cluster.nodes[0].port, decode_responses=True)
-        load(db, 0, args.ids)
-        db.close()
-        env = {"DBHOST": "127.0.0.1", "DBPORT": str(cluster.nodes[0].port), "DBTLS": "false",
-               "LOG_LEVEL": "WARNING"}
+        env = loaded(cluster, args.ids)
         service = ServiceProcess(env, cwd=directory)
         noop_port = free_port()
         noop = None

@@ -24,7 +24,7 @@ import psutil
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent / "src"), str(HERE.parent / "tests"), str(HERE)]
 
-from bench import load, wrk  # noqa: E402
+from bench import loaded, wrk  # noqa: E402
 
 from embedded import find_redis_server  # noqa: E402
 from local_cluster import LocalCluster  # noqa: E402
@@ -97,13 +97,7 @@ def main() -> int:
         return 0
     with tempfile.TemporaryDirectory() as directory, \
             LocalCluster(find_redis_server(None), directory, appendfsync="everysec") as cluster:
-        from redis.cluster import RedisCluster
-
-        db = RedisCluster(host="127.0.0.1", port=cluster.nodes[0].port, decode_responses=True)
-        load(db, 0, args.ids)
-        db.close()
-        env = {"DBHOST": "127.0.0.1", "DBPORT": str(cluster.nodes[0].port), "DBTLS": "false",
-               "LOG_LEVEL": "WARNING"}
+        env = loaded(cluster, args.ids)
         services = {"on": ServiceProcess({**env, "METRICS": "true"}, cwd=directory),
                     "off": ServiceProcess({**env, "METRICS": "false"}, cwd=directory)}
         figures = {name: [] for name in services}
