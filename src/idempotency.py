@@ -28,7 +28,7 @@ import orjson
 from redis import exceptions as rx
 from redis.crc import key_slot
 
-from database import UNAVAILABLE, retried, run_script
+from database import UNAVAILABLE, ReplicasBehind, retried, run_script
 from representation import dumps
 from storage import KEY_PREFIX as CUSTOMER_PREFIX
 from storage import customer_key, encode, flat, is_wrongtype
@@ -162,14 +162,17 @@ class IdempotentCreates:
         to_set, _ = encode(fields)
         now = int(time.time() * 1000)
         lease = now + self.lease_ms if self.wait_replicas else 0
-        outcome = None
         try:
             outcome = self._create(record, customer_key(customer_id), fingerprint(fields),
                                    customer_id, customer, now, lease, flat(to_set))
-        finally:
-            # Answered, or failed not knowing whether it wrote: either way no longer in progress.
-            if lease and (outcome is None or outcome[1:2] == [customer_id]):
+        except ReplicasBehind:
+            # Written, not confirmed: the answer is a 503, and the create no longer in progress.
+            # After any other failure the database may not answer: the lease expires by itself.
+            if lease:
                 self._release(record, customer_id)
+            raise
+        if lease and outcome[1:2] == [customer_id]:
+            self._release(record, customer_id)
         if outcome[0] == "mismatch":
             raise KeyReused(key)
         if outcome[0] == "busy":

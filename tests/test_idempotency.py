@@ -244,6 +244,35 @@ def test_a_repeat_while_the_first_waits_for_its_replica_is_409_and_one_customer_
 
 
 @pytest.mark.cluster
+def test_a_create_its_replica_did_not_confirm_is_503_and_ends_its_lease(empty_memorydb_cluster,
+                                                                       open_database):
+    config = cluster_config(empty_memorydb_cluster, db_wait_replicas=1, db_timeout=1.0,
+                            db_retry_seconds=0.5)
+    app = create_app(config, open_database(config))
+    assert post(app.test_client(), {"warm": 1}, key="another").status_code == 201
+    record = record_key("unconfirmed")
+    primary = next(node for node in empty_memorydb_cluster.nodes
+                   if node.port == open_database(config).get_node_from_key(record).port)
+    admin = empty_memorydb_cluster.admin(primary)
+    replica = next(node for node in empty_memorydb_cluster.nodes
+                   if node.port == admin.info("replication")["slave0"]["port"])
+    empty_memorydb_cluster.kill(replica, signal.SIGSTOP)
+    try:
+        first = post(app.test_client(), ANN, key="unconfirmed")
+    finally:
+        empty_memorydb_cluster.kill(replica, signal.SIGCONT)
+    try:
+        assert first.status_code == 503 and first.headers["Retry-After"] == "2"
+        written = admin.hgetall(record)
+        assert "pending" not in written  # answered: no longer in progress
+        again = post(app.test_client(), ANN, key="unconfirmed")
+        assert again.status_code == 201 and again.headers["Idempotent-Replayed"] == "true"
+        assert again.get_json()["id"] == written["id"]
+    finally:
+        admin.close()
+
+
+@pytest.mark.cluster
 def test_the_least_privilege_user_creates_once_with_dbwaitreplicas(empty_memorydb_cluster,
                                                                   open_database):
     config = cluster_config(empty_memorydb_cluster, db_wait_replicas=1)
