@@ -52,9 +52,9 @@ MAX_DRAWS = 200
 # time to live (ms), the caller's clock (ms), the lease's deadline (ms; 0: none), then the
 # customer's name/value pairs. Returns {'created'|'done', id, customer JSON}, {'mismatch'},
 # {'busy'} (another request's create holds an unexpired lease) or {'foreign'} (a hash that is
-# not a record: another program's). A replay writes too, so that
-# its WAIT covers the first. The clocks compared are the services' own: a skew between hosts
-# only moves when a repeat stops answering 409 and replays, never what it replays.
+# not a record: another program's). A replay writes too, so that its WAIT covers the first.
+# The clocks compared are the services' own: a skew between hosts only moves when a repeat
+# stops answering 409 and replays, never what it replays.
 CREATE_SCRIPT = """
 local record = redis.call('HMGET', KEYS[1], 'fingerprint', 'id', 'customer', 'pending')
 if record[1] then
@@ -92,7 +92,7 @@ class InProgress(Exception):
 
 
 class NotARecord(Exception):
-    """The record's key holds something other than a hash (another program's data)."""
+    """The record's key holds another program's data: not a hash, or a hash but no record."""
 
 
 @dataclass(frozen=True)
