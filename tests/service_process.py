@@ -46,7 +46,8 @@ class ServiceProcess:
             except OSError:
                 time.sleep(0.1)
         self.stop()
-        raise RuntimeError("the service did not answer in time")
+        raise RuntimeError(f"the service did not answer in {timeout} s; it printed: "
+                           f"{self.printed[-3000:]}")
 
     def output(self) -> str:
         """Return what the service has printed so far, while it runs."""

@@ -60,9 +60,12 @@ def service(redis_cluster, tmp_path_factory):
     """The real service on the session's cluster, two workers, metrics files in a known place."""
     directory = tmp_path_factory.mktemp("metrics")
     (directory / "counter_1.db").write_bytes(b"left by an earlier run")
-    env = {**redis_cluster.service_env(), "WORKERS": "2", "THREADS": "4",
+    port = free_port()
+    # Two free ports drawn one after the other may be the same one: the exporter's must differ.
+    exporter = next(other for other in iter(free_port, None) if other != port)
+    env = {**redis_cluster.service_env(), "WORKERS": "2", "THREADS": "4", "PORT": str(port),
            "LOG_LEVEL": "WARNING", "PROMETHEUS_MULTIPROC_DIR": str(directory),
-           "GRANIAN_METRICS_PORT": str(free_port())}
+           "GRANIAN_METRICS_PORT": str(exporter)}
     with ServiceProcess(env) as running:
         running.granian_metrics = f"http://127.0.0.1:{env['GRANIAN_METRICS_PORT']}"
         assert call(running.url + "/customers/metered", "PUT", {"name": "Ada"})[0] == 201
