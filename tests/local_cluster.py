@@ -30,20 +30,24 @@ def port_free(port: int) -> bool:
 
 
 def free_cluster_port(taken=()) -> int:
-    """Return a free port whose cluster bus port (the port + 10000) is free too."""
+    """Return a free port whose cluster bus port (the port + 10000) is free too, neither of
+    them in taken."""
     while True:
         # Below the kernel's ephemeral range (32768 and up), for the bus port too: a node
         # restarted later must not find its port taken by some client's connection.
         port = random.randint(10000, 22700)
-        if port not in taken and port_free(port) and port_free(port + 10000):
+        if (port not in taken and port + 10000 not in taken and port_free(port)
+                and port_free(port + 10000)):
             return port
 
 
 def free_cluster_ports(count: int) -> list[int]:
-    """Return distinct ports whose cluster bus ports (port + 10000) are free too."""
-    ports = []
+    """Return ports for count nodes: no node's port is another's port or bus port."""
+    ports, taken = [], set()
     while len(ports) < count:
-        ports.append(free_cluster_port(taken=ports))
+        # Nothing listens on the chosen ones yet: port_free cannot see them, taken does.
+        ports.append(free_cluster_port(taken))
+        taken |= {ports[-1], ports[-1] + 10000}
     return ports
 
 
@@ -200,7 +204,15 @@ class LocalCluster:
                 time.sleep(0.05)
 
     def start(self) -> "LocalCluster":
-        """Start every node, join them, give the primaries the slots, and wait until ok."""
+        """Start every node, join them, give the primaries the slots, and wait until ok; on a
+        failure, stop the nodes already started."""
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> "LocalCluster":
         for node in self.nodes:
             self.start_node(node)
         primaries = self.nodes[: self.primaries]
