@@ -88,15 +88,9 @@ class Deadlines:
             # Never waits behind requests that wait on the database: it never asks it.
             return self.app(environ, start_response)
         streamed = environ.get("CONTENT_TYPE", "").split(";")[0].strip() in STREAMED_BODIES
-        if streamed and _expects_body(environ):
-            if not self.imports.acquire(blocking=False):
-                return self._busy(environ, start_response)
-            environ["wsgi.input"] = PacedInput(environ, self.config)
-            try:
-                return self._run(environ, start_response)
-            finally:
-                self.imports.release()
         if streamed:
+            if _expects_body(environ):
+                return self._import(environ, start_response)
             environ["wsgi.input"] = PacedInput(environ, self.config)
         elif _expects_body(environ):
             body = self._read_body(environ)
@@ -107,6 +101,16 @@ class Deadlines:
                 # A chunked body, now read whole: over MAX_BODY_BYTES it gets 413 as any other.
                 environ["CONTENT_LENGTH"] = str(len(body))
         return self._run(environ, start_response)
+
+    def _import(self, environ, start_response):
+        """Run an import, its body read as the app asks for it; 429 while another runs."""
+        if not self.imports.acquire(blocking=False):
+            return self._busy(environ, start_response)
+        environ["wsgi.input"] = PacedInput(environ, self.config)
+        try:
+            return self._run(environ, start_response)
+        finally:
+            self.imports.release()
 
     def _run(self, environ, start_response):
         """Call the app in a slot; a streamed response makes each chunk in one."""
