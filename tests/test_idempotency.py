@@ -243,6 +243,26 @@ def test_a_repeat_while_the_first_waits_for_its_replica_is_409_and_one_customer_
         admin.close()
 
 
+class LosesTheDatabase(IdempotentCreates):
+    """Creates whose database stops answering; counts the attempts to end a lease."""
+
+    released = 0
+
+    def _create(self, *args):
+        raise rx.ConnectionError("the database went away")
+
+    def _release(self, record, customer_id):
+        self.released += 1
+
+
+def test_a_create_that_lost_the_database_leaves_its_lease_to_expire(redis_client):
+    # Ending it would ask the database once more, adding its timeout to the 503.
+    creates = LosesTheDatabase(CustomerStore(redis_client, wait_replicas=1), 86400)
+    with pytest.raises(rx.ConnectionError):
+        creates.create("lost", ANN)
+    assert creates.released == 0
+
+
 @pytest.mark.cluster
 def test_a_create_its_replica_did_not_confirm_is_503_and_ends_its_lease(empty_memorydb_cluster,
                                                                        open_database):
