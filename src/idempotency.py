@@ -179,7 +179,12 @@ class IdempotentCreates:
             raise InProgress(key)
         if outcome[0] == "foreign":
             raise NotARecord(record)
-        return Created(outcome[1], outcome[2], replayed=outcome[1] != customer_id)
+        if outcome[1] == customer_id:
+            return Created(customer_id, customer, replayed=False)
+        # A replay answers what the record holds: bytes not UTF-8 in it (another program's)
+        # go out as U+FFFD, as everywhere else.
+        replayed = outcome[2].encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        return Created(outcome[1], replayed, replayed=True)
 
     @retried
     def _create(self, record: str, key: str, fingerprint: str, customer_id: str,

@@ -243,6 +243,15 @@ def test_a_repeat_while_the_first_waits_for_its_replica_is_409_and_one_customer_
         admin.close()
 
 
+def test_a_record_holding_bytes_that_are_not_utf8_replays_them_as_u_fffd(client, redis_client):
+    customer_id = post(client, ANN, key="foreign-bytes").get_json()["id"]
+    redis_client.hset(record_key("foreign-bytes"), "customer",
+                      b'{"id": "%s", "name": "\xff"}' % customer_id.encode())
+    replay = post(client, ANN, key="foreign-bytes")
+    assert replay.status_code == 201 and replay.headers["Idempotent-Replayed"] == "true"
+    assert replay.get_json() == {"id": customer_id, "name": "\ufffd"}
+
+
 class LosesTheDatabase(IdempotentCreates):
     """Creates whose database stops answering; counts the attempts to end a lease."""
 
