@@ -7,6 +7,7 @@ import os
 import resource
 import signal
 import sys
+import threading
 
 from granian.constants import HTTPModes, Interfaces
 from granian.http import HTTP1Settings
@@ -67,8 +68,60 @@ def connections_per_worker() -> int:
     return max(64, min(CONNECTIONS_PER_WORKER, soft - SPARE_FILES))
 
 
+class StoppableServer(Server):
+    """granian's server whose main process takes no lock in a signal handler."""
+
+    # granian's handlers call Event.set(), which takes the Event's lock. A signal that lands
+    # while the main thread holds it (a worker's exit has just woken it) deadlocks the main
+    # process for good: SIGTERM to the whole process group, as systemd's default KillMode
+    # sends it, hung `make run` about once in twenty. Here the handler writes a byte to a pipe
+    # and a thread of the main process does what granian's handler did.
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pid = os.getpid()
+        self._signals_read, self._signals_write = os.pipe()
+
+    def startup(self, spawn_target, target_loader):
+        threading.Thread(target=self.relay_signals, name="signals", daemon=True).start()
+        super().startup(spawn_target, target_loader)
+
+    def signal_handler_interrupt(self, *args, **kwargs):
+        # A plain assignment, at once: a worker that stopped on the same signal must not be
+        # taken for a crash and started again.
+        self.interrupt_signal = True
+        self._relay(b"i")
+
+    def signal_handler_reload(self, *args, **kwargs):
+        self._relay(b"r")
+
+    def _relay(self, what: bytes) -> None:
+        # A worker runs this handler only until it sets its own; its signal is not ours.
+        if os.getpid() == self.pid:
+            os.write(self._signals_write, what)
+
+    def relay_signals(self) -> None:
+        """Wake granian's main loop for each signal the handlers noted, outside them."""
+        while True:
+            for what in os.read(self._signals_read, 64):
+                if what == ord("r"):
+                    self.reload_signal = True
+                self.main_loop_interrupt.set()
+
+    def shutdown(self, exit_code=0):
+        """Stop the workers; a stop that was asked for ends with 0 though workers stopped first."""
+        if self.interrupt_signal:
+            # They got the same SIGTERM (sent to the group) and stopped before being told to.
+            self.interrupt_children.clear()
+        super().shutdown(exit_code)
+
+
 def _worker_app(factory, parent: int, config):
     """Build the app in a worker, which is sent SIGTERM when the main process dies (kill -9)."""
+    # Until granian sets the worker's own handlers, a stop signal ends it: the main process's
+    # handlers, inherited by the fork, would swallow it.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1 is PR_SET_PDEATHSIG
     if os.getppid() != parent:  # the main process died before that line
@@ -90,7 +143,7 @@ def serve(factory, config) -> None:
     # which need not be picklable (Python 3.14 would otherwise start them another way).
     multiprocessing.set_start_method("fork", force=True)
     parent = os.getpid()
-    Server(
+    StoppableServer(
         "customers-service",
         address=config.host,
         port=config.port,

@@ -60,6 +60,9 @@ class Started:
         os.killpg(self.process.pid, sig)
         try:
             return self.process.wait(60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"make did not stop within 60 s of {signal.Signals(sig).name}; it "
+                        f"printed:\n{self.printed()}")
         finally:
             if self.process.poll() is None:
                 os.killpg(self.process.pid, signal.SIGKILL)
