@@ -32,6 +32,8 @@ HTTP_BUFFER_BYTES = 64 * 1024
 # Threads a worker may have waiting on slow clients (a body arriving, a response being
 # read) besides its THREADS slots: a waiting thread holds no slot and no Redis connection.
 WAITING_THREADS = 256
+# How long a worker may take to stop before it is sent SIGTERM again (it stops in milliseconds).
+REMIND_SECONDS = 1.0
 
 
 # granian gives each request the process environment besides the request's own keys (PEP 3333
@@ -73,9 +75,9 @@ class StoppableServer(Server):
 
     # granian's handlers call Event.set(), which takes the Event's lock. A signal that lands
     # while the main thread holds it (a worker's exit has just woken it) deadlocks the main
-    # process for good: SIGTERM to the whole process group, as systemd's default KillMode
-    # sends it, hung `make run` about once in twenty. Here the handler writes a byte to a pipe
-    # and a thread of the main process does what granian's handler did.
+    # process for good: a signal to the whole process group (Ctrl-C in a terminal, SIGTERM
+    # from systemd's default KillMode) hung `make run` about once in twenty. Here the handler
+    # writes a byte to a pipe and a thread of the main process does what granian's did.
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -110,10 +112,28 @@ class StoppableServer(Server):
 
     def shutdown(self, exit_code=0):
         """Stop the workers; a stop that was asked for ends with 0 though workers stopped first."""
-        if self.interrupt_signal:
-            # They got the same SIGTERM (sent to the group) and stopped before being told to.
-            self.interrupt_children.clear()
-        super().shutdown(exit_code)
+        stopped = threading.Event()
+        threading.Thread(target=self.remind_workers, args=(stopped,), name="stop-workers",
+                         daemon=True).start()
+        try:
+            super().shutdown(exit_code)
+        except SystemExit:
+            # granian exits with 1 when a worker stopped before it was told to, which every
+            # worker may do when the signal went to the whole group.
+            if exit_code or not self.interrupt_signal:
+                raise
+        finally:
+            stopped.set()
+
+    def remind_workers(self, stopped: threading.Event) -> None:
+        """Send SIGTERM again, every REMIND_SECONDS, to the workers still running."""
+        # A granian worker can miss a stop signal that lands as it starts serving (4 of 20
+        # Ctrl-C's sent just after the first answer): it would run on until workers_kill_timeout
+        # and be killed. A later SIGTERM stops it, as the first one stops the others.
+        while not stopped.wait(REMIND_SECONDS):
+            for worker in list(self.wrks):
+                if worker.is_alive():
+                    worker.terminate()
 
 
 def _worker_app(factory, parent: int, config):
