@@ -14,6 +14,8 @@ on the same socket, from its append-only file, so the workers' clients reconnect
 """
 
 import ctypes
+import errno
+import fcntl
 import hashlib
 import itertools
 import logging
@@ -50,7 +52,14 @@ SERVICE_ACCESS = (f"~{KEY_PREFIX}* ~{RECORD_PREFIX}* resetchannels -@all +auth +
 # What the service and the server keep in the data directory (appendonlydir is a folder).
 # "port" and "nodes.conf" are left by the former cluster-mode server, which listened on TCP.
 OWN_FILES = ("socket", "redis.conf", "redis.log", "*.password", "appendonly*", "*.aof", "*.rdb",
-             "temp-*", "port", "nodes.conf")
+             "temp-*", "port", "nodes.conf", "lock")
+# Held, in the data directory, by the service and its server while they run: a second service
+# on the same directory would start a second server on the same append-only file, the socket
+# taken over, each server overwriting what the other acknowledged.
+LOCK = "lock"
+# A server left by a service killed with SIGKILL exits within milliseconds of Linux's SIGTERM:
+# a service started again at once waits that long for the lock.
+LOCK_WAIT_SECONDS = 5.0
 # Where the server listens, in the data directory: a folder of its own, 0700, for the socket.
 SOCKET = Path("socket", "db.sock")
 # Linux keeps a unix socket's path in 108 bytes, the last one a NUL.
@@ -122,6 +131,32 @@ def lock_down(directory: Path) -> None:
         raise EmbeddedError(f"cannot make {error.filename} private: {error.strerror}") from None
 
 
+def hold_lock(path: Path) -> int:
+    """Lock path (made 0600) for this process and return its descriptor, or raise
+    EmbeddedError naming the process that holds it."""
+    try:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    except OSError as error:
+        raise EmbeddedError(f"cannot open {path}: {error.strerror}") from None
+    deadline = time.monotonic() + LOCK_WAIT_SECONDS
+    while True:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except OSError as error:
+            if error.errno not in (errno.EWOULDBLOCK, errno.EACCES) or \
+                    time.monotonic() > deadline:
+                holder = os.pread(descriptor, 32, 0).decode(errors="replace").strip()
+                os.close(descriptor)
+                raise EmbeddedError(
+                    f"{path.parent} is in use by another service (pid {holder or 'unknown'}):"
+                    " stop it, or give this one another DATA_DIR") from None
+            time.sleep(0.1)
+    os.ftruncate(descriptor, 0)
+    os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+    return descriptor
+
+
 def password(path: Path) -> str:
     """Return the password kept in path, drawn at random and written there on first use."""
     try:
@@ -152,6 +187,7 @@ class EmbeddedRedis:
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._watcher = None
+        self._held = None  # the data directory's lock: an open file
 
     def start(self, timeout: float = 20.0) -> str:
         """Start the server, wait until it answers, supervise it; return its socket's path."""
@@ -159,6 +195,15 @@ class EmbeddedRedis:
             raise EmbeddedError(f"DATA_DIR is too long for a unix socket in it ({self.socket} "
                                 f"is over {MAX_SOCKET_PATH_BYTES} bytes): choose a shorter one")
         lock_down(self.data_dir)
+        if self._held is None:
+            self._held = hold_lock(self.data_dir / LOCK)
+        try:
+            return self._start(timeout)
+        except BaseException:
+            self._release()
+            raise
+
+    def _start(self, timeout: float) -> str:
         self.socket.parent.mkdir(mode=0o700, exist_ok=True)
         if self.socket.parent.is_symlink() or not self.socket.parent.is_dir():
             raise EmbeddedError(f"{self.socket.parent} must be a folder of the database's own")
@@ -214,7 +259,7 @@ class EmbeddedRedis:
                 self.process = subprocess.Popen(
                     [self.binary, str(self.data_dir / "redis.conf")], stdin=subprocess.DEVNULL,
                     stdout=early_log, stderr=early_log, umask=0o077, start_new_session=True,
-                    preexec_fn=_child_setup)
+                    preexec_fn=_child_setup, pass_fds=(self._held,))
         deadline = time.monotonic() + timeout
         try:
             with self.admin_client() as client:
@@ -294,6 +339,13 @@ class EmbeddedRedis:
             log.info("embedded database stopped (exit %s)", process.returncode)
         if self._watcher is not None:
             self._watcher.join(timeout)
+        self._release()
+
+    def _release(self) -> None:
+        """Let go of the data directory's lock (the server, stopped, no longer holds it)."""
+        if self._held is not None:
+            os.close(self._held)
+            self._held = None
 
     def __enter__(self):
         self.start()

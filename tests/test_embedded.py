@@ -14,6 +14,7 @@ import psutil
 import pytest
 import redis
 
+import embedded
 from embedded import ADMIN_USER, SERVICE_USER, SOCKET, free_port
 from http_client import call
 from local_cluster import free_cluster_port
@@ -381,6 +382,38 @@ def test_a_data_dir_too_long_for_a_unix_socket_is_refused_at_start(tmp_path):
                             capture_output=True, text=True, timeout=30, cwd=tmp_path)
     assert result.returncode == 1
     assert "DATA_DIR is too long for a unix socket" in result.stderr
+
+
+def test_a_second_service_on_the_same_data_dir_is_refused_and_every_write_is_kept(tmp_path):
+    # Two `make run` in two terminals: before, the second started a second server on the same
+    # append-only file and took over the socket; after a rewrite of that file and a restart,
+    # a customer acknowledged by the first was gone.
+    env = embedded_env(tmp_path)
+    with ServiceProcess(env) as first:
+        assert call(first.url + "/customers/1", "PUT", {"name": "Joe"})[0] == 201
+        second = subprocess.run([sys.executable, str(SERVER)],
+                                env={**os.environ, **env, "PORT": str(free_port())},
+                                capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        assert second.returncode == 1, second.stdout + second.stderr
+        assert (f"is in use by another service (pid {first.process.pid})" in second.stderr)
+        assert call(first.url + "/customers/2", "PUT", {"name": "Ann"})[0] == 201
+    with ServiceProcess(env) as again:
+        assert [customer["id"] for customer in call(again.url + "/customers")[2]] == ["1", "2"]
+
+
+def test_the_data_dir_lock_is_refused_after_a_wait_naming_its_holder(tmp_path, monkeypatch):
+    monkeypatch.setattr(embedded, "LOCK_WAIT_SECONDS", 0.3)
+    held = embedded.hold_lock(tmp_path / "lock")
+    try:
+        started = time.monotonic()
+        with pytest.raises(embedded.EmbeddedError, match=f"in use by another service "
+                                                         f"\\(pid {os.getpid()}\\)"):
+            embedded.hold_lock(tmp_path / "lock")
+        assert time.monotonic() - started >= 0.3
+    finally:
+        os.close(held)
+    os.close(embedded.hold_lock(tmp_path / "lock"))  # free again once its holder let go
+    assert (tmp_path / "lock").stat().st_mode & 0o777 == 0o600
 
 
 def test_the_embedded_database_stops_cleanly_even_when_the_service_is_killed(tmp_path):
