@@ -149,8 +149,9 @@ def hold_lock(path: Path) -> int:
                 holder = os.pread(descriptor, 32, 0).decode(errors="replace").strip()
                 os.close(descriptor)
                 raise EmbeddedError(
-                    f"{path.parent} is in use by another service (pid {holder or 'unknown'}):"
-                    " stop it, or give this one another DATA_DIR") from None
+                    f"{path.parent} is in use by another service (pid {holder or 'unknown'}, "
+                    "or a database server it left running): stop it, or give this one another "
+                    "DATA_DIR") from None
             time.sleep(0.1)
     os.ftruncate(descriptor, 0)
     os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)

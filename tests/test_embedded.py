@@ -395,7 +395,7 @@ def test_a_second_service_on_the_same_data_dir_is_refused_and_every_write_is_kep
                                 env={**os.environ, **env, "PORT": str(free_port())},
                                 capture_output=True, text=True, timeout=60, cwd=tmp_path)
         assert second.returncode == 1, second.stdout + second.stderr
-        assert (f"is in use by another service (pid {first.process.pid})" in second.stderr)
+        assert f"is in use by another service (pid {first.process.pid}," in second.stderr
         assert call(first.url + "/customers/2", "PUT", {"name": "Ann"})[0] == 201
     with ServiceProcess(env) as again:
         assert [customer["id"] for customer in call(again.url + "/customers")[2]] == ["1", "2"]
@@ -407,7 +407,7 @@ def test_the_data_dir_lock_is_refused_after_a_wait_naming_its_holder(tmp_path, m
     try:
         started = time.monotonic()
         with pytest.raises(embedded.EmbeddedError, match=f"in use by another service "
-                                                         f"\\(pid {os.getpid()}\\)"):
+                                                         f"\\(pid {os.getpid()},"):
             embedded.hold_lock(tmp_path / "lock")
         assert time.monotonic() - started >= 0.3
     finally:
