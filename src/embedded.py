@@ -144,8 +144,10 @@ def hold_lock(path: Path) -> int:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
             break
         except OSError as error:
-            if error.errno not in (errno.EWOULDBLOCK, errno.EACCES) or \
-                    time.monotonic() > deadline:
+            if error.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                os.close(descriptor)  # a file system without locks, say
+                raise EmbeddedError(f"cannot lock {path}: {error.strerror}") from None
+            if time.monotonic() > deadline:
                 holder = os.pread(descriptor, 32, 0).decode(errors="replace").strip()
                 os.close(descriptor)
                 raise EmbeddedError(

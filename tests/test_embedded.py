@@ -1,5 +1,6 @@
 """With no database configured, the service runs its own durable Redis."""
 
+import errno
 import http.client
 import os
 import signal
@@ -414,6 +415,21 @@ def test_the_data_dir_lock_is_refused_after_a_wait_naming_its_holder(tmp_path, m
         os.close(held)
     os.close(embedded.hold_lock(tmp_path / "lock"))  # free again once its holder let go
     assert (tmp_path / "lock").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_data_dir_lock_that_cannot_be_taken_says_why_not_that_it_is_in_use(tmp_path,
+                                                                            monkeypatch):
+    (tmp_path / "elsewhere").write_text("")
+    (tmp_path / "lock").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(embedded.EmbeddedError, match="cannot open .*lock"):
+        embedded.hold_lock(tmp_path / "lock")
+
+    def no_locks_here(descriptor, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(embedded.fcntl, "flock", no_locks_here)
+    with pytest.raises(embedded.EmbeddedError, match="cannot lock .*: No locks available"):
+        embedded.hold_lock(tmp_path / "other-lock")
 
 
 def test_the_embedded_database_stops_cleanly_even_when_the_service_is_killed(tmp_path):
