@@ -71,6 +71,7 @@ def test_a_worker_still_running_during_the_stop_is_sent_sigterm_again(monkeypatc
     assert running.terminated >= 2 and stopped_already.terminated == 0
 
 
+@pytest.mark.cluster
 @pytest.mark.parametrize("round_", range(10))
 def test_a_stop_signal_to_the_whole_process_group_stops_the_service_at_once(round_):
     # Ctrl-C in a terminal (SIGINT) and systemd's default KillMode (SIGTERM) signal every
