@@ -62,6 +62,11 @@ LOCK = "lock"
 LOCK_WAIT_SECONDS = 5.0
 # Where the server listens, in the data directory: a folder of its own, 0700, for the socket.
 SOCKET = Path("socket", "db.sock")
+# Free space in the data directory below which a death is reported with it (a full disk
+# makes the server exit, and may leave it no room to log why).
+LOW_SPACE_BYTES = 64 * 1024 * 1024
+# How much of the end of the server's log is searched for why it died.
+LOG_TAIL_BYTES = 8192
 # Linux keeps a unix socket's path in 108 bytes, the last one a NUL.
 MAX_SOCKET_PATH_BYTES = 107
 # A server that dies at once again is started again after these pauses, the last one repeated.
@@ -292,6 +297,34 @@ class EmbeddedRedis:
             lines = []
         return lines[-1] if lines else f"no log in {self.data_dir}"
 
+    def _last_warning(self, pid: int) -> str:
+        """Return the last warning (a line marked #) that server pid wrote in its log once
+        ready, or "none"."""
+        try:
+            with open(self.data_dir / "redis.log", "rb") as server_log:
+                server_log.seek(max(0, server_log.seek(0, os.SEEK_END) - LOG_TAIL_BYTES))
+                lines = server_log.read().decode(errors="replace").splitlines()
+        except OSError:
+            return "none"
+        # The warnings of its start (memory overcommit) are not why it died.
+        ready, last = False, "none"
+        for line in lines:
+            if not line.startswith(f"{pid}:"):
+                continue
+            if "Ready to accept connections" in line:
+                ready = True
+            elif ready and " # " in line:
+                last = line.split(" # ", 1)[1]
+        return last
+
+    def _low_space(self) -> str:
+        """Return a note of the space left in the data directory when it is nearly full."""
+        try:
+            free = shutil.disk_usage(self.data_dir).free
+        except OSError:
+            return ""
+        return f"; {free} bytes free in {self.data_dir}" if free < LOW_SPACE_BYTES else ""
+
     def _check_time(self, deadline):
         if time.monotonic() > deadline:
             raise EmbeddedError(f"valkey-server not ready in time; see {self.data_dir}/redis.log")
@@ -310,7 +343,10 @@ class EmbeddedRedis:
             if self._stopping.is_set():
                 return
             died = time.monotonic()
-            log.error("embedded database died (exit %s); starting it again", code)
+            # Its own last word says why (a full disk: "Can't recover from AOF write error"),
+            # if it could still write its log.
+            log.error("embedded database died (exit %s; its log: %s%s); starting it again",
+                      code, self._last_warning(self.process.pid), self._low_space())
             for attempt in itertools.count():
                 pause = RESTART_PAUSES[min(attempt, len(RESTART_PAUSES) - 1)]
                 if self._stopping.wait(pause):

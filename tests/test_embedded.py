@@ -3,6 +3,8 @@
 import errno
 import http.client
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -430,6 +432,30 @@ def test_a_data_dir_lock_that_cannot_be_taken_says_why_not_that_it_is_in_use(tmp
     monkeypatch.setattr(embedded.fcntl, "flock", no_locks_here)
     with pytest.raises(embedded.EmbeddedError, match="cannot lock .*: No locks available"):
         embedded.hold_lock(tmp_path / "other-lock")
+
+
+def test_a_server_that_died_is_reported_with_its_last_warning_since_it_was_ready(tmp_path):
+    server = embedded.EmbeddedRedis(str(tmp_path), "valkey-server")
+    (tmp_path / "redis.log").write_text(
+        "7:M 30 Nov 2026 04:52:14.600 # WARNING Memory overcommit must be enabled!\n"
+        "7:M 30 Nov 2026 04:52:14.617 * Ready to accept connections unix\n"
+        "7:M 30 Nov 2026 04:52:14.691 # Short write while writing to the AOF file\n"
+        "7:M 30 Nov 2026 04:52:14.691 # Can't recover from AOF write error. Exiting...\n"
+        "8:M 30 Nov 2026 04:52:14.700 # WARNING Memory overcommit must be enabled!\n"
+        "8:M 30 Nov 2026 04:52:14.701 * Ready to accept connections unix\n"
+        "9:M 30 Nov 2026 04:52:14.800 # WARNING Memory overcommit must be enabled!\n")
+    assert server._last_warning(7) == "Can't recover from AOF write error. Exiting..."
+    assert server._last_warning(8) == "none"  # killed with -9: it said nothing
+    assert server._last_warning(9) == "none"  # it died before it was ready (no room to log)
+    assert server._last_warning(10) == "none"
+
+
+def test_a_death_on_a_nearly_full_disk_is_reported_with_the_space_left(tmp_path, monkeypatch):
+    server = embedded.EmbeddedRedis(str(tmp_path), "valkey-server")
+    monkeypatch.setattr(embedded, "LOW_SPACE_BYTES", 0)
+    assert server._low_space() == ""
+    monkeypatch.setattr(embedded, "LOW_SPACE_BYTES", shutil.disk_usage(tmp_path).free + 1)
+    assert re.fullmatch(rf"; \d+ bytes free in {re.escape(str(tmp_path))}", server._low_space())
 
 
 def test_the_embedded_database_stops_cleanly_even_when_the_service_is_killed(tmp_path):
