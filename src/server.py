@@ -421,6 +421,9 @@ def main() -> int:
     except EmbeddedError as error:
         print(f"cannot start the embedded database: {error}", file=sys.stderr)
         return 1
+    except serving.ServeError as error:
+        print(error, file=sys.stderr)
+        return 1
     return 0
 
 

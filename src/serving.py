@@ -70,6 +70,10 @@ def connections_per_worker() -> int:
     return max(64, min(CONNECTIONS_PER_WORKER, soft - SPARE_FILES))
 
 
+class ServeError(Exception):
+    """The server could not start serving (its port taken by another program, say)."""
+
+
 class StoppableServer(Server):
     """granian's server whose main process takes no lock in a signal handler."""
 
@@ -86,7 +90,14 @@ class StoppableServer(Server):
 
     def startup(self, spawn_target, target_loader):
         threading.Thread(target=self.relay_signals, name="signals", daemon=True).start()
-        super().startup(spawn_target, target_loader)
+        try:
+            super().startup(spawn_target, target_loader)
+        except RuntimeError as error:
+            # granian's own would be 75 lines of Python and Rust stack for "address in use";
+            # the Rust error's text may carry its backtrace after the first line.
+            host = f"[{self.bind_addr}]" if ":" in self.bind_addr else self.bind_addr
+            reason = (str(error).strip().splitlines() or ["unknown"])[0]
+            raise ServeError(f"cannot serve on {host}:{self.bind_port}: {reason}") from None
 
     def signal_handler_interrupt(self, *args, **kwargs):
         # A plain assignment, at once: a worker that stopped on the same signal must not be

@@ -2,6 +2,7 @@
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -122,3 +123,28 @@ def _first_answer(url: str, service, log) -> None:
 def _read(log) -> str:
     log.seek(0)
     return log.read()
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize(("host", "reason"), [
+    ("127.0.0.1", "Address already in use"),
+    ("192.0.2.10", "Cannot assign requested address"),  # an address this machine does not have
+])
+def test_a_port_it_cannot_listen_on_is_one_clear_line_and_a_failed_exit(tmp_path, host, reason):
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**os.environ, "HOST": host, "PORT": str(port), "DATA_DIR": str(tmp_path / "data"),
+               "API_TOKENS": "t" * 32, "RUST_BACKTRACE": "1"}
+        for name in ("DBHOST", "DBPORT"):
+            env.pop(name, None)
+        result = subprocess.run([sys.executable, str(SERVER)], env=env, capture_output=True,
+                                text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"cannot serve on {host}:{port}: {reason} (os error "
+        f"{98 if host == '127.0.0.1' else 99})"), result.stderr
+    assert "Traceback" not in result.stderr and "backtrace" not in result.stderr.lower()
+    assert "embedded database stopped" in result.stderr  # the database was stopped cleanly
