@@ -415,6 +415,8 @@ def main() -> int:
     import serving
 
     try:
+        # Before the embedded database starts: a port taken is a start that does nothing.
+        serving.check_port(config.host, config.port)
         with metrics.shared_directory(config.metrics), database(config) as db_config:
             pool = serving.pool_size(config)
             serving.serve(lambda: create_app(db_config, database_client(db_config, pool)), config)

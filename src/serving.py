@@ -1,11 +1,13 @@
 """Serve the app with granian: HTTP in Rust, the app in Python threads of worker processes."""
 
 import ctypes
+import errno
 import logging
 import multiprocessing
 import os
 import resource
 import signal
+import socket
 import sys
 import threading
 
@@ -145,6 +147,23 @@ class StoppableServer(Server):
             for worker in list(self.wrks):
                 if worker.is_alive():
                     worker.terminate()
+
+
+def check_port(host: str, port: int) -> None:
+    """Raise ServeError when another program, another service included, listens on the port."""
+    # granian listens with SO_REUSEPORT: a second service on the same port would start without
+    # a word, and Linux would share the clients out between the two (an old version and a new
+    # one, or two embedded databases). A socket without it cannot bind beside a listener.
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past connections wait
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            shown = f"[{host}]" if ":" in host else host
+            hint = " (another program, or another copy of this service, listens there)" \
+                if error.errno == errno.EADDRINUSE else ""
+            raise ServeError(f"cannot serve on {shown}:{port}: {error.strerror}{hint}") from None
 
 
 def _worker_app(factory, parent: int, config):
