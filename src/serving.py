@@ -75,6 +75,12 @@ def connections_per_worker() -> int:
 class ServeError(Exception):
     """The server could not start serving (its port taken by another program, say)."""
 
+    @classmethod
+    def at(cls, host: str, port: int, reason: str) -> "ServeError":
+        """Return the error of not serving on host:port (an IPv6 address in brackets)."""
+        shown = f"[{host}]" if ":" in host else host
+        return cls(f"cannot serve on {shown}:{port}: {reason}")
+
 
 class StoppableServer(Server):
     """granian's server whose main process takes no lock in a signal handler."""
@@ -97,9 +103,8 @@ class StoppableServer(Server):
         except RuntimeError as error:
             # granian's own would be 75 lines of Python and Rust stack for "address in use";
             # the Rust error's text may carry its backtrace after the first line.
-            host = f"[{self.bind_addr}]" if ":" in self.bind_addr else self.bind_addr
             reason = (str(error).strip().splitlines() or ["unknown"])[0]
-            raise ServeError(f"cannot serve on {host}:{self.bind_port}: {reason}") from None
+            raise ServeError.at(self.bind_addr, self.bind_port, reason) from None
 
     def signal_handler_interrupt(self, *args, **kwargs):
         # A plain assignment, at once: a worker that stopped on the same signal must not be
@@ -160,10 +165,9 @@ def check_port(host: str, port: int) -> None:
         try:
             probe.bind((host, port))
         except OSError as error:
-            shown = f"[{host}]" if ":" in host else host
             hint = " (another program, or another copy of this service, listens there)" \
                 if error.errno == errno.EADDRINUSE else ""
-            raise ServeError(f"cannot serve on {shown}:{port}: {error.strerror}{hint}") from None
+            raise ServeError.at(host, port, f"{error.strerror}{hint}") from None
 
 
 def _worker_app(factory, parent: int, config):

@@ -81,12 +81,7 @@ def test_a_stop_signal_to_the_whole_process_group_stops_the_service_at_once(roun
     sig = (signal.SIGINT, signal.SIGTERM)[round_ % 2]
     with tempfile.TemporaryDirectory() as data, tempfile.TemporaryFile("w+") as log:
         port = free_port()
-        env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(port), "DATA_DIR": data}
-        for name in ("DBHOST", "DBPORT"):
-            env.pop(name, None)
-        service = subprocess.Popen([sys.executable, str(SERVER)], env=env, stdout=log,
-                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   start_new_session=True)
+        service = start_server({"PORT": str(port), "DATA_DIR": data}, log)
         try:
             _first_answer(f"http://127.0.0.1:{port}/customers", service, log)
             time.sleep(round_ * 0.01)  # lands at another moment of the workers' start each round
@@ -125,12 +120,24 @@ def _read(log) -> str:
     return log.read()
 
 
-def run_server(env: dict, timeout: float = 60) -> subprocess.CompletedProcess:
-    """Run server.py with no database configured, beside env, until it exits."""
-    env = {**os.environ, "HOST": "127.0.0.1", "API_TOKENS": "t" * 32, "RUST_BACKTRACE": "1",
-           **env}
+def server_env(env: dict) -> dict:
+    """Return the environment of server.py on loopback with no database configured, and env."""
+    env = {**os.environ, "HOST": "127.0.0.1", **env}
     for name in ("DBHOST", "DBPORT"):
         env.pop(name, None)
+    return env
+
+
+def start_server(env: dict, log) -> subprocess.Popen:
+    """Start server.py (see server_env) in a process group of its own, its output in log."""
+    return subprocess.Popen([sys.executable, str(SERVER)], env=server_env(env), stdout=log,
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+def run_server(env: dict, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run server.py (see server_env) with tokens and Rust backtraces on, until it exits."""
+    env = server_env({"API_TOKENS": "t" * 32, "RUST_BACKTRACE": "1", **env})
     return subprocess.run([sys.executable, str(SERVER)], env=env, capture_output=True,
                           text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
@@ -157,12 +164,8 @@ def test_a_second_service_on_the_same_port_is_refused_and_the_first_keeps_it(tmp
     # granian listens with SO_REUSEPORT: before, the second started as well, and Linux shared
     # the clients out between the two services and their two embedded databases.
     port = free_port()
-    env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(port)}
     with tempfile.TemporaryFile("w+") as log:
-        first = subprocess.Popen([sys.executable, str(SERVER)],
-                                 env={**env, "DATA_DIR": str(tmp_path / "first")}, stdout=log,
-                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                 start_new_session=True)
+        first = start_server({"PORT": str(port), "DATA_DIR": str(tmp_path / "first")}, log)
         try:
             _first_answer(f"http://127.0.0.1:{port}/customers", first, log)
             second = run_server({"PORT": str(port), "DATA_DIR": str(tmp_path / "second")})
