@@ -153,10 +153,12 @@ def hold_lock(path: Path) -> int:
                 os.close(descriptor)  # a file system without locks, say
                 raise EmbeddedError(f"cannot lock {path}: {error.strerror}") from None
             if time.monotonic() > deadline:
-                holder = os.pread(descriptor, 32, 0).decode(errors="replace").strip()
+                holder = os.pread(descriptor, 32, 0).strip()
                 os.close(descriptor)
+                # Whatever else is in the file (another program's bytes) stays out of the line.
+                holder = holder.decode() if holder.isdigit() else "unknown"
                 raise EmbeddedError(
-                    f"{path.parent} is in use by another service (pid {holder or 'unknown'}, "
+                    f"{path.parent} is in use by another service (pid {holder}, "
                     "or a database server it left running): stop it, or give this one another "
                     "DATA_DIR") from None
             time.sleep(0.1)

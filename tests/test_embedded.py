@@ -1,6 +1,7 @@
 """With no database configured, the service runs its own durable Redis."""
 
 import errno
+import fcntl
 import http.client
 import os
 import re
@@ -416,6 +417,16 @@ def test_the_data_dir_lock_is_refused_after_a_wait_naming_its_holder(tmp_path, m
     finally:
         os.close(held)
     os.close(embedded.hold_lock(tmp_path / "lock"))  # free again once its holder let go
+    # A holder that wrote something else there (another program's bytes) is named unknown.
+    held = os.open(tmp_path / "lock", os.O_RDWR)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    os.pwrite(held, b"\xff\xfe\n\x1b[2J not a pid", 0)
+    try:
+        with pytest.raises(embedded.EmbeddedError) as refused:
+            embedded.hold_lock(tmp_path / "lock")
+        assert "(pid unknown," in str(refused.value) and "\x1b" not in str(refused.value)
+    finally:
+        os.close(held)
     assert (tmp_path / "lock").stat().st_mode & 0o777 == 0o600
 
 
@@ -444,6 +455,10 @@ def test_a_server_that_died_is_reported_with_its_last_warning_since_it_was_ready
         "8:M 30 Nov 2026 04:52:14.700 # WARNING Memory overcommit must be enabled!\n"
         "8:M 30 Nov 2026 04:52:14.701 * Ready to accept connections unix\n"
         "9:M 30 Nov 2026 04:52:14.800 # WARNING Memory overcommit must be enabled!\n")
+    with open(tmp_path / "redis.log", "ab") as server_log:  # bytes that are not UTF-8
+        server_log.write(b"11:M 30 Nov 2026 04:52:15.000 * Ready to accept connections\n"
+                         b"11:M 30 Nov 2026 04:52:15.100 # Bad key \xff\xfe\n")
+    assert server._last_warning(11) == "Bad key \ufffd\ufffd"
     assert server._last_warning(7) == "Can't recover from AOF write error. Exiting..."
     assert server._last_warning(8) == "none"  # killed with -9: it said nothing
     assert server._last_warning(9) == "none"  # it died before it was ready (no room to log)
