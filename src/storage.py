@@ -4,6 +4,7 @@ import hashlib
 import logging
 import re
 import uuid
+from operator import itemgetter
 
 from redis import exceptions as rx
 
@@ -165,83 +166,68 @@ def _typed(text: str, kind: str | None):
 
 
 def decode(customer_id: str, raw) -> dict:
-    """Turn a stored hash (a dict, or RESP2's flat list of names and values) into the customer."""
+    """Turn a stored hash (a dict, or RESP2's flat list of names and values) into the customer:
+    every field but "id" and the markers, each typed by its marker; "id" is the key's."""
     if type(raw) is not list:
         raw = flat(raw)
-    return decoder(raw)(customer_id, raw)
-
-
-# Customers mostly share a few shapes (the same field names in the same order): a shape seen
-# twice gets a decoder of its own, written once. Bounded in bytes, as shapes may not be: a
-# shape of more names or characters than below is always decoded name by name, and the cache
-# is emptied when its names reach MAX_CACHED_CHARACTERS (about 4 MB with their objects).
-_DECODERS: dict = {}
-_cached_characters = 0
-MAX_WRITTEN_NAMES = 128
-MAX_SHAPE_CHARACTERS = 4096
-MAX_CACHED_CHARACTERS = 256 * 1024
-
-
-def decoder(raw: list):
-    """Return a function(customer_id, raw) that decodes flat hashes with raw's names in order."""
-    global _cached_characters
     names = tuple(raw[::2])
-    function = _DECODERS.get(names)
-    if function is _by_name:
-        function = _DECODERS[names] = _written(names)
-    elif function is None:
-        function = _by_name
-        characters = sum(map(len, names))
-        if len(names) <= MAX_WRITTEN_NAMES and characters <= MAX_SHAPE_CHARACTERS:
-            if _cached_characters + characters > MAX_CACHED_CHARACTERS:
-                _DECODERS.clear()
-                _cached_characters = 0
-            _DECODERS[names] = _by_name
-            _cached_characters += characters
-    return function
+    plain, values, typed = _PLANS.get(names) or plan(names)
+    customer = {"id": customer_id}
+    # Equal lengths by construction; strict= would make it a slower keyword call per customer.
+    customer.update(zip(plain, values(raw)))  # noqa: B905
+    for field, value_at, kind_at in typed:
+        customer[field] = _typed(raw[value_at], raw[kind_at])
+    return customer
 
 
 def decode_all(customer_ids: list, raws: list) -> list:
     """Decode many stored hashes (RESP2 flat lists) at once, skipping empty ones (keys gone)."""
-    customers = []
-    for customer_id, raw in zip(customer_ids, raws, strict=True):
-        if raw:
-            # decoder() inlined for shapes with a decoder written: a call less per customer.
-            function = _DECODERS.get(tuple(raw[::2]))
-            if function is None or function is _by_name:
-                function = decoder(raw)
-            customers.append(function(customer_id, raw))
-    return customers
+    return [decode(customer_id, raw)
+            for customer_id, raw in zip(customer_ids, raws, strict=True) if raw]
 
 
-def _by_name(customer_id: str, raw: list) -> dict:
-    """Decode any flat hash name by name: a marker types its field and goes; "id" is the key's."""
-    names = raw[::2]
-    customer = {"id": customer_id}
-    customer.update(zip(names, raw[1::2], strict=True))
-    for name in names:
-        if name.startswith(TYPE_PREFIX):
-            kind = customer.pop(name)
-            field = name[len(TYPE_PREFIX):]
-            if field in customer:
-                customer[field] = _typed(customer[field], kind)
-    customer["id"] = customer_id
-    return customer
+# Customers mostly share a few shapes (the same field names in the same order), so each
+# shape's plan is worked out once. Bounded in characters, as shapes may not be: a shape of more
+# names or characters than below is planned anew each time, and the cache is emptied when its
+# names reach MAX_CACHED_CHARACTERS (about 4 MB with their objects).
+_PLANS: dict = {}
+_cached_characters = 0
+MAX_CACHED_NAMES = 128
+MAX_SHAPE_CHARACTERS = 4096
+MAX_CACHED_CHARACTERS = 256 * 1024
 
 
-def _written(names: tuple):
-    """Write the decoder of one shape as a dict display, the fastest way Python builds a dict."""
-    items, scope = ["'id': customer_id"], {"_typed": _typed}
-    for at, name in enumerate(names):
+def plan(names: tuple) -> tuple:
+    """Return how to decode a flat hash with these names in this order (cached)."""
+    global _cached_characters
+    found = _PLANS.get(names)
+    if found is None:
+        found = _plan(names)
+        characters = sum(map(len, names))
+        if len(names) <= MAX_CACHED_NAMES and characters <= MAX_SHAPE_CHARACTERS:
+            if _cached_characters + characters > MAX_CACHED_CHARACTERS:
+                _PLANS.clear()
+                _cached_characters = 0
+            _PLANS[names] = found
+            _cached_characters += characters
+    return found
+
+
+def _plan(names: tuple) -> tuple:
+    """Return the fields' names, a getter of their values, and (field, value, marker) positions
+    of the typed ones, for flat hashes with these names in this order."""
+    value_at = {name: 2 * at + 1 for at, name in enumerate(names)}
+    plain, positions, typed = [], [], []
+    for name, at in value_at.items():
         if name.startswith(TYPE_PREFIX) or name == "id":
             continue
-        value = f"raw[{2 * at + 1}]"
-        if TYPE_PREFIX + name in names:
-            value = f"_typed({value}, raw[{2 * names.index(TYPE_PREFIX + name) + 1}])"
-        # Only positions go into the source; the names are values in its scope, never code.
-        scope[f"name{at}"] = name
-        items.append(f"name{at}: {value}")
-    return eval(f"lambda customer_id, raw: {{{', '.join(items)}}}", scope)
+        plain.append(name)
+        positions.append(at)
+        if TYPE_PREFIX + name in value_at:
+            typed.append((name, at, value_at[TYPE_PREFIX + name]))
+    if len(positions) == 1:  # itemgetter of one position returns the value, not a tuple
+        return tuple(plain), lambda raw, at=positions[0]: (raw[at],), tuple(typed)
+    return tuple(plain), itemgetter(*positions) if positions else lambda raw: (), tuple(typed)
 
 
 def flat(pairs: dict) -> list:

@@ -3,6 +3,7 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
+import storage
 from storage import TYPE_PREFIX, _typed, decode, decode_all
 
 NAMES = ["id", "name", "n", TYPE_PREFIX + "n", TYPE_PREFIX + "id", TYPE_PREFIX + "name",
@@ -24,7 +25,7 @@ def as_the_rule_says(customer_id: str, stored: dict) -> dict:
 def test_every_stored_hash_decodes_as_the_rule_says(stored):
     flat = [part for pair in stored.items() for part in pair]
     expected = as_the_rule_says("c1", stored)
-    # The first of a shape is decoded name by name, the next ones by the shape's own decoder.
+    # The first of a shape works out its plan, the next ones use it.
     for raw in (flat, stored, flat, stored):
         customer = decode("c1", raw)
         # repr: in the same order, and "nan" read as a float equals itself.
@@ -42,3 +43,20 @@ def test_customers_of_one_shape_decode_alike_but_keep_their_own_values():
     assert second == {"id": "2", "name": "Kim", "balance": "x"}
     assert decode("3", ["name", "Al"]) == {"id": "3", "name": "Al"}
     assert decode("4", ["id", "x"]) == {"id": "4"}
+
+
+def test_a_shape_too_large_to_keep_decodes_the_same_and_is_not_kept():
+    names = [f"f{number}" for number in range(storage.MAX_CACHED_NAMES + 1)]
+    raw = [part for name in names for part in (name, "1")] + [TYPE_PREFIX + "f0", "int"]
+    expected = {"id": "c1", "f0": 1, **{name: "1" for name in names[1:]}}
+    assert decode("c1", raw) == expected
+    assert decode("c1", raw) == expected
+    assert tuple(raw[::2]) not in storage._PLANS
+
+
+def test_shapes_without_end_keep_the_plans_within_their_bound():
+    for number in range(3000):
+        name = f"field-{number}-" + "x" * 100
+        assert decode("c1", [name, "v", TYPE_PREFIX + name, "int"]) == {"id": "c1", name: "v"}
+        assert storage._cached_characters <= storage.MAX_CACHED_CHARACTERS
+    assert sum(sum(map(len, names)) for names in storage._PLANS) == storage._cached_characters
