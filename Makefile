@@ -46,7 +46,7 @@ reliability: $(DEV_INSTALLED) ## Run the fault tests and print a table per fault
 		tests/test_faults.py tests/test_embedded_faults.py tests/test_idempotency_faults.py; \
 		status=$$?; echo; cat $(VENV)/reliability.md; exit $$status
 
-bench: $(DEV_INSTALLED) $(ORIGINAL_INSTALLED) ## Benchmark against the original (rebuilt, and on its own client) with appendfsync everysec and always; where a POST's time goes; an Idempotency-Key's, metrics' and a request's CPU cost (about 12 minutes; installs wrk)
+bench: $(DEV_INSTALLED) $(ORIGINAL_INSTALLED) ## Benchmark against the original (rebuilt, and on its own client) with appendfsync everysec and always; where a POST's time goes; an Idempotency-Key's, metrics' and a request's CPU cost (about 15 minutes; installs wrk)
 	command -v wrk >/dev/null || apt-get install -y wrk || (apt-get update && apt-get install -y wrk)
 	$(BIN)/python benchmarks/bench.py --appendfsync everysec
 	$(BIN)/python benchmarks/bench.py --appendfsync always --requests-only

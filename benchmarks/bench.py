@@ -12,6 +12,7 @@ import http.client
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -193,6 +194,20 @@ def median_lists(targets: dict, expected: int, runs: int = 7, warmup: int = 2) -
             for name, lists in timed.items()}
 
 
+def median_requests(targets: dict, mode: str, args, measure=wrk) -> dict:
+    """Return each server's median requests/s, p50 and p99 over args.rounds wrk runs, the
+    servers taking turns (a slow stretch of the machine slows one round of each, not one server)."""
+    rounds = {name: [] for name in targets}
+    for number in range(args.rounds):
+        for name, url in targets.items():
+            print(f"{mode.upper()} on the {name} for {args.seconds}s (round {number + 1} of "
+                  f"{args.rounds})", flush=True)
+            rounds[name].append(measure(url, mode, args.ids, args.seconds, args.connections))
+    return {name: {**{figure: statistics.median(run[figure] for run in runs)
+                      for figure in ("rps", "p50_ms", "p99_ms")}, "rounds": runs}
+            for name, runs in rounds.items()}
+
+
 def start_baseline(python: str, client: str, env: dict) -> tuple:
     """Start baseline.py with python on client ("redis" or "rediscluster"); return it, its URL."""
     port = free_port()
@@ -225,10 +240,8 @@ def run(args) -> dict:
                 for name, listed in median_lists(targets, args.ids).items():
                     results[name]["list_small"] = listed
             for mode in ("put",) if args.imports_only else MODES:
-                for name, url in targets.items():
-                    print(f"{mode.upper()} on the {name} for {args.seconds}s", flush=True)
-                    results[name][mode] = wrk(url, mode, args.ids, args.seconds,
-                                              args.connections)
+                for name, figures in median_requests(targets, mode, args).items():
+                    results[name][mode] = figures
             if args.requests_only:
                 return results
             time.sleep(2)  # let the requests still queued when wrk stopped finish
@@ -337,7 +350,8 @@ def table(results: dict) -> str:
     """Format the figures and their ratios to both baselines as a Markdown table."""
     settings = results["settings"]
     lines = [f"appendfsync {settings['appendfsync']}, wrk {settings['connections']} "
-             f"connections, {settings['seconds']} s a figure; load average before / after: "
+             f"connections, the median of {settings['rounds']} runs of {settings['seconds']} s a "
+             f"figure, the servers taking turns; load average before / after: "
              f"{results['load_before']} / {results['load_after']}", "",
              "| figure | service | " + " | ".join(BASELINES.values()) + " | service / rebuild "
              "| service / original | target |",
@@ -381,7 +395,9 @@ def main() -> int:
     parser.add_argument("--appendfsync", choices=("everysec", "always"), default="everysec",
                         help="the cluster's AOF fsync policy (always: as durable as MemoryDB)")
     parser.add_argument("--ids", type=int, default=10000, help="customers for GET/PUT and listing")
-    parser.add_argument("--seconds", type=int, default=10, help="duration of each wrk run")
+    parser.add_argument("--seconds", type=int, default=6, help="duration of each wrk run")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="wrk runs of each server for each request, taking turns (medians)")
     parser.add_argument("--connections", type=int, default=16, help="wrk connections")
     parser.add_argument("--big", type=int, default=1000000, help="customers the service lists")
     parser.add_argument("--baseline-big", type=int, default=100000,

@@ -1,5 +1,6 @@
 """What `make bench` decides without measuring: its verdicts, and a baseline that serves."""
 
+import argparse
 import json
 import os
 import subprocess
@@ -40,7 +41,8 @@ def results(appendfsync: str, post_ratio: float) -> dict:
     theirs = {mode: dict(figures) for mode in bench.MODES} | {"list_small": {"seconds": 1.0}}
     return {"service": ours, "rebuild": theirs, "original": theirs,
             "settings": {"appendfsync": appendfsync, "ids": 10000, "connections": 16,
-                         "seconds": 10, "imports_only": False, "requests_only": True},
+                         "seconds": 6, "rounds": 3, "imports_only": False,
+                         "requests_only": True},
             "load_before": "1.00, 1.00, 1.00", "load_after": "1.00, 1.00, 1.00"}
 
 
@@ -98,3 +100,19 @@ def test_the_rebuilt_baseline_serves_post_get_and_the_list_on_a_real_cluster(red
     finally:
         baseline.terminate()
         baseline.wait(30)
+
+
+def test_each_figure_is_the_median_of_rounds_the_servers_taking_turns():
+    order = []
+    figures = iter([{"rps": rps, "p50_ms": rps / 100, "p99_ms": rps / 10}
+                    for rps in (100, 900, 300, 700, 200, 800)])
+
+    def measure(url, mode, ids, seconds, connections):
+        order.append(url)
+        return next(figures)
+
+    args = argparse.Namespace(rounds=3, ids=10, seconds=1, connections=2)
+    medians = bench.median_requests({"service": "s", "rebuild": "r"}, "get", args, measure)
+    assert order == ["s", "r", "s", "r", "s", "r"]
+    assert {name: medians[name]["rps"] for name in medians} == {"service": 200, "rebuild": 800}
+    assert medians["service"]["p99_ms"] == 20 and len(medians["service"]["rounds"]) == 3
