@@ -1,7 +1,7 @@
 """One log line per request: method, path, status, duration and request id; never bodies."""
 
 import logging
-import os
+import random
 import re
 import time
 
@@ -54,7 +54,9 @@ def _printable(text: str) -> str:
 
 def request_id(sent: str) -> str:
     """Return the client's request id if it is short and plain, else 32 new random hex digits."""
-    return sent if CLIENT_ID.fullmatch(sent) else os.urandom(16).hex()
+    # Not os.urandom: its system call lets go of the GIL, a thread switch a request under load.
+    # An id needs to be unique, not secret; random reseeds in each forked worker.
+    return sent if CLIENT_ID.fullmatch(sent) else random.getrandbits(128).to_bytes(16).hex()
 
 
 def _start():

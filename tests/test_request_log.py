@@ -3,6 +3,7 @@
 import io
 import json
 import logging
+import os
 import re
 import urllib.request
 
@@ -117,3 +118,19 @@ def test_log_format_is_text_by_default_and_json_on_request():
     assert load_config({"LOG_FORMAT": "JSON"}).log_format == "json"
     with pytest.raises(ConfigError, match="LOG_FORMAT must be text or json"):
         load_config({"LOG_FORMAT": "xml"})
+
+
+def test_workers_forked_from_one_process_draw_different_request_ids():
+    drawn = []
+    for _ in range(2):
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # a worker, as granian forks them
+            os.write(write, request_log.request_id("").encode())
+            os._exit(0)
+        os.waitpid(pid, 0)
+        drawn.append(os.read(read, 64))
+        os.close(read)
+        os.close(write)
+    drawn.append(request_log.request_id("").encode())
+    assert len(set(drawn)) == 3
