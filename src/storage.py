@@ -3,6 +3,7 @@
 import hashlib
 import logging
 import re
+import threading
 import uuid
 from operator import itemgetter
 
@@ -191,6 +192,7 @@ def decode_all(customer_ids: list, raws: list) -> list:
 # names or characters than below is planned anew each time, and the cache is emptied when its
 # names reach MAX_CACHED_CHARACTERS (about 4 MB with their objects).
 _PLANS: dict = {}
+_PLANS_LOCK = threading.Lock()
 _cached_characters = 0
 MAX_CACHED_NAMES = 128
 MAX_SHAPE_CHARACTERS = 4096
@@ -205,11 +207,13 @@ def plan(names: tuple) -> tuple:
         found = _plan(names)
         characters = sum(map(len, names))
         if len(names) <= MAX_CACHED_NAMES and characters <= MAX_SHAPE_CHARACTERS:
-            if _cached_characters + characters > MAX_CACHED_CHARACTERS:
-                _PLANS.clear()
-                _cached_characters = 0
-            _PLANS[names] = found
-            _cached_characters += characters
+            with _PLANS_LOCK:  # a worker's threads meet new shapes at once: count each once
+                if names not in _PLANS:
+                    if _cached_characters + characters > MAX_CACHED_CHARACTERS:
+                        _PLANS.clear()
+                        _cached_characters = 0
+                    _PLANS[names] = found
+                    _cached_characters += characters
     return found
 
 

@@ -1,5 +1,8 @@
 """How stored hashes turn into customers, whatever other clients wrote into them."""
 
+import sys
+import threading
+
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -60,3 +63,24 @@ def test_shapes_without_end_keep_the_plans_within_their_bound():
         assert decode("c1", [name, "v", TYPE_PREFIX + name, "int"]) == {"id": "c1", name: "v"}
         assert storage._cached_characters <= storage.MAX_CACHED_CHARACTERS
     assert sum(sum(map(len, names)) for names in storage._PLANS) == storage._cached_characters
+
+
+def test_threads_meeting_new_shapes_at_once_keep_the_count_of_the_plans_true():
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter can
+
+    def decode_shapes(thread):
+        for number in range(8000):
+            name = f"{(number + thread) % 700}-" + "x" * 150
+            decode("c1", [name, "1", TYPE_PREFIX + name, "int"])
+
+    try:
+        threads = [threading.Thread(target=decode_shapes, args=(n,)) for n in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert sum(sum(map(len, names)) for names in storage._PLANS) == storage._cached_characters
+    assert storage._cached_characters <= storage.MAX_CACHED_CHARACTERS
