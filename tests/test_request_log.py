@@ -3,9 +3,11 @@
 import io
 import json
 import logging
-import os
 import re
+import subprocess
+import sys
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +16,20 @@ from http_client import call
 from service_process import ServiceProcess
 from settings import ConfigError, load_config
 
+SRC = Path(__file__).resolve().parent.parent / "src"
+# Two workers forked as granian forks them, then their parent: each prints a new request id.
+FORKED_IDS = """
+import os, sys
+sys.path.insert(0, sys.argv[1])
+import request_log
+for _ in range(2):
+    pid = os.fork()
+    if pid == 0:
+        print(request_log.request_id(""), flush=True)
+        os._exit(0)
+    os.waitpid(pid, 0)
+print(request_log.request_id(""), flush=True)
+"""
 JOE = {"name": "Joe", "email": "joe@example.com", "phone": "+1 555 0100"}
 
 
@@ -121,16 +137,7 @@ def test_log_format_is_text_by_default_and_json_on_request():
 
 
 def test_workers_forked_from_one_process_draw_different_request_ids():
-    drawn = []
-    for _ in range(2):
-        read, write = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # a worker, as granian forks them
-            os.write(write, request_log.request_id("").encode())
-            os._exit(0)
-        os.waitpid(pid, 0)
-        drawn.append(os.read(read, 64))
-        os.close(read)
-        os.close(write)
-    drawn.append(request_log.request_id("").encode())
-    assert len(set(drawn)) == 3
+    # In an interpreter of its own: forking pytest's, which runs threads, is not safe.
+    drawn = subprocess.run([sys.executable, "-c", FORKED_IDS, str(SRC)], capture_output=True,
+                           text=True, timeout=60, check=True).stdout.split()
+    assert len(drawn) == 3 and len(set(drawn)) == 3
