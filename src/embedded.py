@@ -65,7 +65,7 @@ SOCKET = Path("socket", "db.sock")
 # Free space in the data directory below which a death is reported with it (a full disk
 # makes the server exit, and may leave it no room to log why).
 LOW_SPACE_BYTES = 64 * 1024 * 1024
-# How much of the end of the server's log is searched for why it died.
+# How much of the end of the server's log is read for why it failed to start or died.
 LOG_TAIL_BYTES = 8192
 # Linux keeps a unix socket's path in 108 bytes, the last one a NUL.
 MAX_SOCKET_PATH_BYTES = 107
@@ -292,22 +292,23 @@ class EmbeddedRedis:
                 pass
             self._check_time(deadline)
 
-    def _last_log_line(self) -> str:
+    def _log_tail(self) -> list:
+        """Return the lines of the end of the server's log (bytes not UTF-8 as U+FFFD)."""
         try:
-            lines = (self.data_dir / "redis.log").read_text(errors="replace").splitlines()
+            with open(self.data_dir / "redis.log", "rb") as server_log:
+                server_log.seek(max(0, server_log.seek(0, os.SEEK_END) - LOG_TAIL_BYTES))
+                return server_log.read().decode(errors="replace").splitlines()
         except OSError:
-            lines = []
+            return []
+
+    def _last_log_line(self) -> str:
+        lines = self._log_tail()
         return lines[-1] if lines else f"no log in {self.data_dir}"
 
     def _last_warning(self, pid: int) -> str:
         """Return the last warning (a line marked #) that server pid wrote in its log once
         ready, or "none"."""
-        try:
-            with open(self.data_dir / "redis.log", "rb") as server_log:
-                server_log.seek(max(0, server_log.seek(0, os.SEEK_END) - LOG_TAIL_BYTES))
-                lines = server_log.read().decode(errors="replace").splitlines()
-        except OSError:
-            return "none"
+        lines = self._log_tail()
         # The warnings of its start (memory overcommit) are not why it died.
         ready, last = False, "none"
         for line in lines:

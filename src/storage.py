@@ -172,7 +172,7 @@ def decode(customer_id: str, raw) -> dict:
     if type(raw) is not list:
         raw = flat(raw)
     names = tuple(raw[::2])
-    plain, values, typed = _PLANS.get(names) or plan(names)
+    plain, values, typed = _PLANS.get(names) or plan_for(names)
     customer = {"id": customer_id}
     # Equal lengths by construction; strict= would make it a slower keyword call per customer.
     customer.update(zip(plain, values(raw)))  # noqa: B905
@@ -199,21 +199,19 @@ MAX_SHAPE_CHARACTERS = 4096
 MAX_CACHED_CHARACTERS = 256 * 1024
 
 
-def plan(names: tuple) -> tuple:
-    """Return how to decode a flat hash with these names in this order (cached)."""
+def plan_for(names: tuple) -> tuple:
+    """Work out how to decode a flat hash with these names in this order, and cache it."""
     global _cached_characters
-    found = _PLANS.get(names)
-    if found is None:
-        found = _plan(names)
-        characters = sum(map(len, names))
-        if len(names) <= MAX_CACHED_NAMES and characters <= MAX_SHAPE_CHARACTERS:
-            with _PLANS_LOCK:  # a worker's threads meet new shapes at once: count each once
-                if names not in _PLANS:
-                    if _cached_characters + characters > MAX_CACHED_CHARACTERS:
-                        _PLANS.clear()
-                        _cached_characters = 0
-                    _PLANS[names] = found
-                    _cached_characters += characters
+    found = _plan(names)
+    characters = sum(map(len, names))
+    if len(names) <= MAX_CACHED_NAMES and characters <= MAX_SHAPE_CHARACTERS:
+        with _PLANS_LOCK:  # a worker's threads meet new shapes at once: count each once
+            if names not in _PLANS:
+                if _cached_characters + characters > MAX_CACHED_CHARACTERS:
+                    _PLANS.clear()
+                    _cached_characters = 0
+                _PLANS[names] = found
+                _cached_characters += characters
     return found
 
 
