@@ -465,6 +465,15 @@ def test_a_server_that_died_is_reported_with_its_last_warning_since_it_was_ready
     assert server._last_warning(10) == "none"
 
 
+def test_a_start_failure_names_the_last_line_of_a_log_of_any_size(tmp_path):
+    server = embedded.EmbeddedRedis(str(tmp_path), "valkey-server")
+    assert server._last_log_line() == f"no log in {tmp_path}"
+    with open(tmp_path / "redis.log", "wb") as server_log:  # months of a server's lines
+        server_log.write(b"1:M * Ready to accept connections\n" * 500_000)
+        server_log.write(b"2:M # Fatal error loading the DB: \xff. Exiting.\n")
+    assert server._last_log_line() == "2:M # Fatal error loading the DB: \ufffd. Exiting."
+
+
 def test_a_death_on_a_nearly_full_disk_is_reported_with_the_space_left(tmp_path, monkeypatch):
     server = embedded.EmbeddedRedis(str(tmp_path), "valkey-server")
     monkeypatch.setattr(embedded, "LOW_SPACE_BYTES", 0)

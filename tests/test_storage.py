@@ -84,3 +84,10 @@ def test_threads_meeting_new_shapes_at_once_keep_the_count_of_the_plans_true():
         sys.setswitchinterval(interval)
     assert sum(sum(map(len, names)) for names in storage._PLANS) == storage._cached_characters
     assert storage._cached_characters <= storage.MAX_CACHED_CHARACTERS
+
+
+def test_a_field_name_of_bytes_that_are_not_utf8_is_typed_by_its_marker():
+    name = b"n\xe9".decode("utf-8", "surrogateescape")  # as the client reads another program's
+    raw = [name, "7", TYPE_PREFIX + name, "int", "city", "Lyon"]
+    assert decode("c1", raw) == {"id": "c1", name: 7, "city": "Lyon"}
+    assert decode("c1", raw) == {"id": "c1", name: 7, "city": "Lyon"}  # from the cached plan
