@@ -11,7 +11,7 @@ from bulk_merge import Pending, merge_many
 from database import UNAVAILABLE
 from representation import dumps
 from storage import NotACustomer, TooManyFields, valid_id
-from validation import ID_RULE, Invalid, check_fields, parse_object
+from validation import ID_RULE, Invalid, check_fields, check_not_encoded, parse_object
 
 log = logging.getLogger(__name__)
 NDJSON = "application/x-ndjson"
@@ -213,6 +213,7 @@ class Import:
 
 def body_reader():
     """Return read(size) over the request body, limited to MAX_IMPORT_BYTES, not MAX_BODY_BYTES."""
+    check_not_encoded()
     limit = current_app.config["MAX_IMPORT_BYTES"]
     request.max_content_length = limit
     try:

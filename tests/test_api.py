@@ -1,5 +1,6 @@
 """What a client of the REST API does and gets, on fakeredis and on a real cluster."""
 
+import gzip
 import uuid
 
 import pytest
@@ -210,6 +211,38 @@ def test_bad_input_gets_a_clear_json_error_and_stores_nothing(
     assert response.content_type == "application/json"
     assert words in response.get_json()["message"]
     assert stored_keys() == []
+
+
+@pytest.mark.parametrize(("method", "path", "content_type"), [
+    ("post", "/customers", "application/json"),
+    ("put", "/customers/1", "application/json"),
+    ("patch", "/customers/1", "application/merge-patch+json"),
+    ("post", "/customers", "application/x-ndjson"),
+])
+def test_a_compressed_body_is_415_naming_the_fix_and_stores_nothing(
+        client, stored_keys, method, path, content_type):
+    client.put("/customers/1", json={"name": "Ada"})
+    before = client.get("/customers/1").get_json()
+    plain = b'{"id": "1", "name": "Bob"}\n' if "ndjson" in content_type else b'{"name": "Bob"}'
+    # gzip's bytes, and a plain body that says it is gzip: neither is taken as it comes.
+    for body in (gzip.compress(plain), plain):
+        for coding in ("gzip", " GZIP ", "br", "gzip, identity"):
+            response = getattr(client, method)(path, data=body, headers={
+                "Content-Type": content_type, "Content-Encoding": coding})
+            assert response.status_code == 415
+            assert response.get_json() == {"message": "the body must not be compressed: "
+                                                      "send it without Content-Encoding"}
+            assert response.headers["Accept-Encoding"] == "identity"
+            if method == "patch":
+                assert response.headers["Accept-Patch"] == "application/merge-patch+json"
+    assert stored_keys() == ["customer:1"]
+    assert client.get("/customers/1").get_json() == before
+    # identity is no coding at all.
+    response = getattr(client, method)(path, data=plain, headers={
+        "Content-Type": content_type, "Content-Encoding": "identity"})
+    assert response.status_code in (200, 201, 204)
+    written = response.headers.get("Location", "/customers/1")
+    assert client.get(written).get_json()["name"] == "Bob"
 
 
 def test_a_body_over_the_limit_is_413_and_stores_nothing(redis_client, stored_keys):

@@ -1,6 +1,7 @@
 """Secure by default: no open service beyond loopback, safe headers, no secret in sight."""
 
 import dataclasses
+import gzip
 import http.client
 import io
 import json
@@ -334,3 +335,20 @@ def test_the_real_service_refuses_a_chunked_body_over_the_limit(memorydb_cluster
     stored = [key for node in memorydb_cluster.primary_nodes()
               for key in memorydb_cluster.admin(node).keys()]
     assert stored == ["customer:3"]
+
+
+@pytest.mark.cluster
+@pytest.mark.usefixtures("empty_memorydb_cluster")
+def test_the_real_service_refuses_a_compressed_body(memorydb_cluster):
+    env = {**memorydb_cluster.service_env(), "API_TOKENS": TOKEN, "WORKERS": "1"}
+    body = b'{"name": "Ada"}'
+    with ServiceProcess(env) as service:
+        for coding, sent in (("gzip", gzip.compress(body)), ("gzip", body), ("deflate", body)):
+            head = (f"PUT /customers/1 HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer "
+                    f"{TOKEN}\r\nContent-Type: application/json\r\nContent-Encoding: {coding}"
+                    f"\r\nContent-Length: {len(sent)}\r\n\r\n").encode()
+            response = raw_request(service.port, head, sent)
+            assert response.status == 415
+            assert response.getheader("Accept-Encoding") == "identity"
+            assert "without Content-Encoding" in json.loads(response.body)["message"]
+        assert send(service.port, "GET", "/customers", token=TOKEN) == (200, "[]\n")
