@@ -352,3 +352,46 @@ def test_the_real_service_refuses_a_compressed_body(memorydb_cluster):
             assert response.getheader("Accept-Encoding") == "identity"
             assert "without Content-Encoding" in json.loads(response.body)["message"]
         assert send(service.port, "GET", "/customers", token=TOKEN) == (200, "[]\n")
+
+
+def _answers(port, data: bytes) -> bytes:
+    """Send bytes as they are and return all the server answers before it closes (or 3 s)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=3) as sock:
+        sock.sendall(data)
+        received = b""
+        try:
+            while chunk := sock.recv(65536):
+                received += chunk
+        except TimeoutError:
+            pass
+    return received
+
+
+@pytest.mark.cluster
+@pytest.mark.usefixtures("empty_memorydb_cluster")
+def test_what_is_not_http_is_refused_by_the_server_and_nothing_runs(memorydb_cluster):
+    env = {**memorydb_cluster.service_env(), "API_TOKENS": TOKEN, "WORKERS": "1"}
+    auth = f"Authorization: Bearer {TOKEN}\r\n".encode()
+    put = (b"PUT /customers/smuggled HTTP/1.1\r\nHost: x\r\n" + auth
+           + b"Content-Type: application/json\r\nContent-Length: 14\r\n\r\n{\"name\":\"Eve\"}")
+    with ServiceProcess(env) as service:
+        for data, status in [
+            (b"G\x01T /customers HTTP/1.1\r\nHost: x\r\n\r\n" + put, b"400"),
+            (b"GET /customers/1 HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n" + put, b"400"),
+            (b"GET /customers/1 HTTP/1.1\r\nHost: x\r\n"
+             + b"".join(b"X-%d: v\r\n" % n for n in range(101)) + b"\r\n" + put, b"431"),
+            (b"POST /customers HTTP/1.1\r\nHost: x\r\n" + auth + b"Content-Type: "
+             b"application/json\r\nContent-Length: 14\r\nContent-Length: 15\r\n\r\n" + put, b"400"),
+        ]:
+            answers = _answers(service.port, data)
+            # One answer, empty, and the connection closed: the request behind it never runs.
+            assert answers.startswith(b"HTTP/1.1 " + status), answers[:200]
+            assert answers.count(b"HTTP/1.1 ") == 1
+            assert answers.endswith(b"\r\n\r\n")
+        # Both lengths: the body is read as chunked (empty here), then the connection closes.
+        smuggling = (b"POST /customers HTTP/1.1\r\nHost: x\r\n" + auth + b"Content-Type: "
+                     b"application/json\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"0\r\n\r\n" + put)
+        answers = _answers(service.port, smuggling)
+        assert answers.startswith(b"HTTP/1.1 400 ") and answers.count(b"HTTP/1.1 ") == 1
+        assert send(service.port, "GET", "/customers", token=TOKEN) == (200, "[]\n")
