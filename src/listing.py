@@ -319,12 +319,13 @@ def _batches(redis, batch_class, nodes: list, seen: SeenKeys, asked: tuple = ())
                 if not cursor and at + 1 < len(nodes):
                     following = batch_class(nodes[at + 1], [], scan_arguments(0, SCAN_COUNT))
             customers = customers_of(redis, keys, replies, asked)
-            # Only keys whose customers are in hand count as sent.
-            seen.update(keys)
             if batch:
                 received, batch = (batch.keys, batch.receive()), None
             if following:
                 upcoming, following = following.receive()[1], None
+            # Only now do these keys count as sent: had a read above failed (a failover), the
+            # walk would start again without them, and their customers were never sent.
+            seen.update(keys)
             if customers:
                 yield customers
     finally:

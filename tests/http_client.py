@@ -1,4 +1,4 @@
-"""A tiny JSON HTTP client for tests against a running service."""
+"""A tiny JSON HTTP client for tests against a running service, and a raw socket reader."""
 
 import json
 import urllib.error
@@ -17,3 +17,14 @@ def call(url: str, method: str = "GET", body=None, timeout: float = 10, headers=
     except urllib.error.HTTPError as error:
         status, headers, raw = error.code, error.headers, error.read()
     return status, headers, json.loads(raw) if raw else None
+
+
+def read_until_closed(sock, until=(TimeoutError,)) -> bytes:
+    """Return what a raw socket receives until the server closes it or an error of until."""
+    received = b""
+    try:
+        while chunk := sock.recv(65536):
+            received += chunk
+    except until:
+        pass
+    return received

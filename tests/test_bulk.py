@@ -39,7 +39,7 @@ def test_a_reader_result_that_is_no_reply_raises_and_is_never_taken_for_one():
 
 
 @pytest.mark.cluster
-@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("fast", [pytest.param(True, marks=pytest.mark.fast_reader), False])
 def test_both_readers_list_and_page_the_same_customers(cluster_database, fast):
     stored = add_customers(cluster_database, 3000)
     cluster_database.set("customer:text", "not a hash")

@@ -92,7 +92,8 @@ def test_streaming_returns_the_same_customers_as_paging(client, redis_client):
 
 
 @pytest.mark.cluster
-@pytest.mark.parametrize("batch", [Batch, PipelineBatch])
+@pytest.mark.parametrize("batch", [pytest.param(Batch, marks=pytest.mark.fast_reader),
+                                   PipelineBatch])
 def test_fetch_follows_a_moved_key_and_skips_keys_gone_or_retyped(cluster_database, batch):
     redis_client = cluster_database
     redis_client.hset("customer:a", mapping={"name": "A", "n": "1", "_type:n": "int"})
@@ -264,8 +265,10 @@ def test_a_cursor_from_before_a_failover_is_410_never_500(failover_cluster, open
 
 
 @pytest.mark.cluster
+@pytest.mark.parametrize("fast_reader", [pytest.param(True, marks=pytest.mark.fast_reader), False],
+                         ids=["Batch", "PipelineBatch"])
 def test_a_walk_interrupted_by_a_failover_resumes_without_duplicates(failover_cluster,
-                                                                    open_database):
+                                                                    open_database, fast_reader):
     failover_cluster.wait_ok()
     failover_cluster.flush()
     redis_client = open_database(cluster_config(failover_cluster))
@@ -277,7 +280,7 @@ def test_a_walk_interrupted_by_a_failover_resumes_without_duplicates(failover_cl
         while primary.wait(1, 500) != 1:
             assert time.monotonic() < deadline, "a replica did not catch up"
     # A failover here takes longer than the default DBRETRYSECONDS: give the walk time.
-    batches = walk(CustomerStore(redis_client, retry_seconds=30))
+    batches = walk(CustomerStore(redis_client, retry_seconds=30, fast_reader=fast_reader))
     listed = [customer["id"] for customer in next(batches)]
     killed = node_of(failover_cluster, primaries[0])
     failover_cluster.kill(killed)

@@ -100,7 +100,7 @@ def test_hmget_is_packed_as_redis_reads_it_for_any_text():
 
 
 @pytest.mark.cluster
-@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("fast", [pytest.param(True, marks=pytest.mark.fast_reader), False])
 def test_both_readers_project_the_same_customers(cluster_database, fast):
     add_customers(cluster_database, 2000)
     cluster_database.hset("customer:joe", mapping={"naïve": "oui", "n": "7", "_type:n": "int"})

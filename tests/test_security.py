@@ -17,6 +17,7 @@ from dotenv import dotenv_values
 
 from embedded import free_port
 from errors import RETRY_AFTER_SECONDS
+from http_client import read_until_closed
 from server import create_app
 from service_process import SERVER, ServiceProcess
 from settings import Config, ConfigError, load_config
@@ -358,13 +359,7 @@ def _answers(port, data: bytes) -> bytes:
     """Send bytes as they are and return all the server answers before it closes (or 3 s)."""
     with socket.create_connection(("127.0.0.1", port), timeout=3) as sock:
         sock.sendall(data)
-        received = b""
-        try:
-            while chunk := sock.recv(65536):
-                received += chunk
-        except TimeoutError:
-            pass
-    return received
+        return read_until_closed(sock)
 
 
 @pytest.mark.cluster

@@ -13,6 +13,7 @@ from conftest import cluster_config
 from connection_watch import RATE_WINDOW_SECONDS, SWEEP_SECONDS
 from database import connect
 from deadlines import BODY_GRACE_SECONDS
+from http_client import read_until_closed
 from service_process import ServiceProcess
 from slow_attack import attack_process, percentile, probe
 
@@ -106,12 +107,7 @@ def test_a_client_that_never_reads_a_list_is_cut_off(service):
     # The thread sending it left granian's send: the response's iterator was closed.
     wait_for_log(service, "stopped GET /customers after", 5)
     sock.settimeout(5)
-    received = b""
-    try:
-        while chunk := sock.recv(65536):
-            received += chunk
-    except ConnectionResetError:
-        pass
+    received = read_until_closed(sock, ConnectionResetError)
     sock.close()
     assert not received.rstrip().endswith(b"]")  # never passes for a whole list
 
