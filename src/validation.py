@@ -80,7 +80,6 @@ def check_not_encoded(headers: dict | None = None) -> None:
 
 def read_body() -> bytes:
     """Return the request body, or stop with 413 when it is over the limit, chunked or not."""
-    check_not_encoded()
     body = request.get_data(cache=False)
     limit = request.max_content_length
     # Without Content-Length (a chunked body), werkzeug stops reading at the limit without a
@@ -127,10 +126,12 @@ def parse_object(text: bytes, what: str = "the body") -> dict:
     return body
 
 
-def read_json_object() -> dict:
-    """Return the request's JSON object, or stop with 400, 413 or 415."""
+def read_json_object(refusal_headers: dict | None = None) -> dict:
+    """Return the request's JSON object, or stop with 400, 413 or 415 (with refusal_headers
+    when the body is compressed)."""
     if not request.is_json:
         fail(415, "send a JSON object with Content-Type: application/json")
+    check_not_encoded(refusal_headers)
     try:
         return parse_object(read_body())
     except Invalid as error:
@@ -163,8 +164,7 @@ def read_merge_patch(customer_id: str) -> dict:
     if request.mimetype != MERGE_PATCH:
         fail(415, f"send a JSON merge patch with Content-Type: {MERGE_PATCH}",
              {"Accept-Patch": MERGE_PATCH})
-    check_not_encoded({"Accept-Patch": MERGE_PATCH})
-    body = read_json_object()
+    body = read_json_object({"Accept-Patch": MERGE_PATCH})
     _check_id_field(body, customer_id)
     return _checked_fields(body)
 
