@@ -97,6 +97,13 @@ def test_a_bad_body_with_a_key_is_400_and_leaves_the_key_unused(client, stored_k
     assert post(client, ANN).status_code == 201
 
 
+def test_a_compressed_body_with_a_key_is_415_and_leaves_the_key_unused(client, stored_keys):
+    sent = post(client, '{"name": "Ann"}', **{"Content-Encoding": "gzip"})
+    assert (sent.status_code, sent.headers["Accept-Encoding"]) == (415, "identity")
+    assert stored_keys() == []
+    assert post(client, ANN).status_code == 201
+
+
 def test_the_record_expires_after_the_ttl(redis_client, client):
     post(client, ANN)
     assert DAY_MS - 60_000 < redis_client.pttl(record_key("order-7")) <= DAY_MS
