@@ -12,6 +12,7 @@ from dotenv import find_dotenv, load_dotenv
 from flask import Flask, Response, current_app, request, url_for
 from flask.sessions import NullSession, SecureCookieSessionInterface
 from flask_restful import Api, Resource
+from werkzeug.routing import PathConverter
 
 import access
 import api_contract
@@ -70,6 +71,13 @@ class SyncFlask(Flask):
     def ensure_sync(self, func):
         """Return func: Flask's check for coroutines costs tens of microseconds a request."""
         return func
+
+
+class AnyId(PathConverter):
+    """A path's rest as a customer id, line breaks included: check_id answers 400 for them
+    (werkzeug's path converter does not match them, and a 404 would not say why)."""
+
+    regex = "(?s:[^/].*?)"
 
 
 class JsonApi(Api):
@@ -362,8 +370,9 @@ def create_app(config: Config, redis_client) -> Flask:
     api.add_resource(Customers, "/customers",
                      resource_class_kwargs={"store": store, "cursor_key": cursor_key(config),
                                             "creates": creates})
-    # path: an id may hold a /, as the keys of other programs may.
-    api.add_resource(Customers_ID, "/customers/<path:customer_id>", endpoint="customer",
+    # An id may hold a /, as the keys of other programs may.
+    app.url_map.converters["id"] = AnyId
+    api.add_resource(Customers_ID, "/customers/<id:customer_id>", endpoint="customer",
                      resource_class_kwargs={"store": store})
     api_contract.install(app, bool(config.api_tokens))
     docs_page.install(app)
