@@ -370,9 +370,10 @@ def create_app(config: Config, redis_client) -> Flask:
     api.add_resource(Customers, "/customers",
                      resource_class_kwargs={"store": store, "cursor_key": cursor_key(config),
                                             "creates": creates})
-    # An id may hold a /, as the keys of other programs may.
-    app.url_map.converters["id"] = AnyId
-    api.add_resource(Customers_ID, "/customers/<id:customer_id>", endpoint="customer",
+    # path: an id may hold a /, as the keys of other programs may. The rule's text stays
+    # werkzeug's (metrics label requests by it); its converter is AnyId.
+    app.url_map.converters["path"] = AnyId
+    api.add_resource(Customers_ID, "/customers/<path:customer_id>", endpoint="customer",
                      resource_class_kwargs={"store": store})
     api_contract.install(app, bool(config.api_tokens))
     docs_page.install(app)
