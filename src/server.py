@@ -74,10 +74,12 @@ class SyncFlask(Flask):
 
 
 class AnyId(PathConverter):
-    """A path's rest as a customer id, line breaks included: check_id answers 400 for them
-    (werkzeug's path converter does not match them, and a 404 would not say why)."""
+    """A path's rest as a customer id, line breaks and a leading / included: check_id answers
+    400 for line breaks (werkzeug's path converter does not match them, and a 404 would not
+    say why), and an id written by another program may start with a /."""
 
-    regex = "(?s:[^/].*?)"
+    regex = "(?s:.+?)"
+    part_isolating = False  # werkzeug would take a regex without a / to match one segment
 
 
 class JsonApi(Api):
@@ -352,7 +354,11 @@ def cursor_key(config: Config) -> bytes:
 
 def create_app(config: Config, redis_client) -> Flask:
     """Build the app around a Redis or Redis Cluster client."""
-    app = SyncFlask(__name__)
+    # No static files here, so no /static route.
+    app = SyncFlask(__name__, static_folder=None)
+    # werkzeug would redirect /customers//x (customer "/x", percent-encoded or not) to
+    # /customers/x, another customer, with a 308 that clients follow with the same method.
+    app.url_map.merge_slashes = False
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     app.config["MAX_FIELDS"] = config.max_fields
     app.config["MAX_IMPORT_BYTES"] = config.max_import_bytes

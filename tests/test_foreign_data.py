@@ -53,7 +53,9 @@ def test_a_key_that_is_not_utf8_is_left_out_of_lists_and_kept(client, redis_clie
 
 
 ORIGINAL_IDS = ["john@example.com", "a b", "x:y", "Zoë-東京", "a/b", "100%", "q?x=1#y",
-                "+1 (555) 0100", "ümlaut", "..."]
+                "+1 (555) 0100", "ümlaut", "...",
+                # Other programs' keys: slashes where a path would merge or drop them.
+                "/x", "/", "//", "x/", "a//b"]
 
 
 @pytest.mark.parametrize("customer_id", ORIGINAL_IDS)
@@ -82,6 +84,27 @@ def test_a_client_creates_such_ids_with_put_and_gets_their_encoded_location(
     assert response.headers["Location"] == path
     assert client.get(response.headers["Location"]).get_json() == {
         "id": customer_id, "name": "New"}
+
+
+def test_a_doubled_slash_names_the_id_that_holds_it_never_a_redirect_to_another(
+        client, redis_client):
+    redis_client.hset("customer:x", "name", "X")
+    redis_client.hset("customer:/x", "name", "Slash X")
+    response = client.get("/customers//x")
+    assert response.status_code == 200
+    assert response.get_json() == {"id": "/x", "name": "Slash X"}
+    # werkzeug's default answered 308 to /customers/x, which clients follow with the same method.
+    assert client.delete("/customers//x").status_code == 204
+    assert client.get("/customers").get_json() == [{"id": "x", "name": "X"}]
+
+
+@pytest.mark.parametrize("path", ["//customers", "/customers/", "/docs/", "/docs//index.html",
+                                  "/docs/a//b", "//healthz", "/static/x", "//"])
+def test_a_path_with_a_doubled_or_trailing_slash_is_a_json_404_not_a_redirect(client, path):
+    response = client.get(path)
+    assert response.status_code == 404
+    assert response.mimetype == "application/json"
+    assert "Location" not in response.headers
 
 
 def test_a_hash_larger_than_max_fields_written_elsewhere_still_reads_and_lists(

@@ -355,6 +355,20 @@ def test_the_real_service_refuses_a_compressed_body(memorydb_cluster):
         assert send(service.port, "GET", "/customers", token=TOKEN) == (200, "[]\n")
 
 
+@pytest.mark.cluster
+@pytest.mark.usefixtures("empty_memorydb_cluster")
+def test_the_real_service_routes_a_doubled_slash_to_the_id_that_holds_it(memorydb_cluster):
+    env = {**memorydb_cluster.service_env(), "API_TOKENS": TOKEN, "WORKERS": "1"}
+    with ServiceProcess(env) as service:
+        assert send(service.port, "PUT", "/customers/x", {"name": "X"}, TOKEN)[0] == 201
+        assert send(service.port, "PUT", "/customers//x", {"name": "Slash"}, TOKEN)[0] == 201
+        assert send(service.port, "GET", "/customers/%2Fx", token=TOKEN) == (
+            200, '{"id":"/x","name":"Slash"}\n')
+        assert send(service.port, "DELETE", "/customers//x", token=TOKEN)[0] == 204
+        assert send(service.port, "GET", "/customers", token=TOKEN) == (
+            200, '[{"id":"x","name":"X"}]\n')
+
+
 def _answers(port, data: bytes) -> bytes:
     """Send bytes as they are and return all the server answers before it closes (or 3 s)."""
     with socket.create_connection(("127.0.0.1", port), timeout=3) as sock:
