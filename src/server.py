@@ -268,7 +268,7 @@ class Customers_ID(Resource):  # noqa: N801 - the name of the original design
         validation.check_id(customer_id)
         asked = fields_asked()
         # Conditions name versions of the whole customer: with them, it is read whole.
-        projected = asked and not (request.if_match or request.if_none_match)
+        projected = asked and not preconditions.conditional()
         try:
             if projected:
                 customer = projection.read(self.store, customer_id, asked)

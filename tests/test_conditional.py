@@ -218,3 +218,19 @@ def test_an_empty_condition_header_is_no_condition(client, header, value):
     assert written.status_code == 204
     assert client.delete("/customers/1", headers={header: value}).status_code == 204
     assert client.get("/customers/1").status_code == 404
+
+
+@pytest.mark.parametrize("header", ["If-Match", "If-None-Match"])
+@pytest.mark.parametrize("value", ['"unterminated', '"a" "b"', ",", 'W/"', '"a";x'])
+def test_a_condition_header_that_names_no_etag_is_400_and_changes_nothing(client, header, value):
+    # werkzeug reads such a header as absent: the write would have run unconditionally.
+    client.put("/customers/1", json=JOE)
+    for method, kwargs in (("get", {}), ("get", {"query_string": "fields=name"}),
+                           ("put", {"json": {"balance": 0}}),
+                           ("patch", {"json": {"balance": 0}, "headers": MERGE_PATCH}),
+                           ("delete", {})):
+        headers = {**kwargs.pop("headers", {}), header: value}
+        response = getattr(client, method)("/customers/1", headers=headers, **kwargs)
+        assert response.status_code == 400, (method, response.data)
+        assert f"{header} must be * or entity tags" in response.get_json()["message"]
+    assert client.get("/customers/1").get_json() == {"id": "1", **JOE}
