@@ -97,9 +97,13 @@ class Deadlines:
             if body is None:
                 return self._too_slow(environ, start_response)
             environ["wsgi.input"] = io.BytesIO(body)
-            if environ.pop("HTTP_TRANSFER_ENCODING", None):
+            coding = environ.pop("HTTP_TRANSFER_ENCODING", None)
+            if coding:
                 # A chunked body, now read whole: over MAX_BODY_BYTES it gets 413 as any other.
                 environ["CONTENT_LENGTH"] = str(len(body))
+                if coding.strip().lower() != "chunked":
+                    # gzip, say, stays named for the app to refuse (validation.check_not_encoded).
+                    environ["HTTP_TRANSFER_ENCODING"] = coding
         return self._run(environ, start_response)
 
     def _import(self, environ, start_response):

@@ -68,14 +68,20 @@ def _unique(pairs):
 
 
 def check_not_encoded(headers: dict | None = None) -> None:
-    """Stop with 415 (and headers) when the body comes compressed (Content-Encoding), which is
-    not read here."""
+    """Stop with 415 (and headers) when the body comes compressed (Content-Encoding), or 501
+    when it comes in a transfer coding but chunked: neither is read here."""
     # Read as it is, a gzip body would be taken for bad JSON, and a plain one sent with the
     # header stored as if the header meant nothing (RFC 9110 8.4: 415, RFC 7694: Accept-Encoding).
-    coding = request.environ.get("HTTP_CONTENT_ENCODING", "").strip().lower()
+    environ = request.environ
+    coding = environ.get("HTTP_CONTENT_ENCODING", "").strip().lower()
     if coding not in ("", "identity"):
         fail(415, "the body must not be compressed: send it without Content-Encoding",
              {"Accept-Encoding": "identity", **(headers or {})})
+    # The server undoes chunked and passes any other coding (gzip, chunked) on as it came.
+    codings = environ.get("HTTP_TRANSFER_ENCODING", "").lower().split(",")
+    if any(coding.strip() not in ("", "chunked") for coding in codings):
+        fail(501, "the body must not be compressed: send it with no Transfer-Encoding but "
+                  "chunked (RFC 9112 6.1)")
 
 
 def read_body() -> bytes:

@@ -247,6 +247,26 @@ def test_a_compressed_body_is_415_naming_the_fix_and_stores_nothing(
     assert client.get(written).get_json()["name"] == "Bob"
 
 
+@pytest.mark.parametrize(("method", "path", "content_type"), [
+    ("post", "/customers", "application/json"),
+    ("put", "/customers/1", "application/json"),
+    ("patch", "/customers/1", "application/merge-patch+json"),
+    ("post", "/customers", "application/x-ndjson"),
+])
+def test_a_transfer_coding_but_chunked_is_501_naming_the_fix_and_stores_nothing(
+        client, stored_keys, method, path, content_type):
+    client.put("/customers/1", json={"name": "Ada"})
+    plain = b'{"id": "1", "name": "Bob"}\n' if "ndjson" in content_type else b'{"name": "Bob"}'
+    # The server undoes chunked and hands the rest on: a plain body here says it is gzip.
+    for coding in ("gzip, chunked", "Deflate,chunked", "compress", "chunked, gzip"):
+        response = getattr(client, method)(path, data=plain, headers={
+            "Content-Type": content_type, "Transfer-Encoding": coding})
+        assert response.status_code == 501
+        assert "no Transfer-Encoding but chunked" in response.get_json()["message"]
+    assert stored_keys() == ["customer:1"]
+    assert client.get("/customers/1").get_json() == {"id": "1", "name": "Ada"}
+
+
 def test_a_body_over_the_limit_is_413_and_stores_nothing(redis_client, stored_keys):
     from server import create_app
     from settings import Config

@@ -352,6 +352,14 @@ def test_the_real_service_refuses_a_compressed_body(memorydb_cluster):
             assert response.status == 415
             assert response.getheader("Accept-Encoding") == "identity"
             assert "without Content-Encoding" in json.loads(response.body)["message"]
+        # granian undoes chunked and passes gzip on: the plain body would have been stored.
+        for coding in ("gzip, chunked", "gzip\r\nTransfer-Encoding: chunked"):
+            head = (f"PUT /customers/1 HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer "
+                    f"{TOKEN}\r\nContent-Type: application/json\r\nTransfer-Encoding: {coding}"
+                    "\r\n\r\n").encode()
+            response = raw_request(service.port, head, chunks(body))
+            assert response.status == 501
+            assert "but chunked" in json.loads(response.body)["message"]
         assert send(service.port, "GET", "/customers", token=TOKEN) == (200, "[]\n")
 
 
