@@ -2,6 +2,7 @@
 
 import hashlib
 import logging
+import math
 import re
 import threading
 import uuid
@@ -157,8 +158,8 @@ def _typed(text: str, kind: str | None):
     try:
         if kind == "int":
             return int(text)
-        if kind == "float":
-            return float(text)
+        if kind == "float" and math.isfinite(number := float(text)):
+            return number  # another program's "nan" or "inf" stays text: JSON has neither
         if kind == "bool" and text in ("true", "false"):
             return text == "true"
     except ValueError:

@@ -107,6 +107,19 @@ def test_a_path_with_a_doubled_or_trailing_slash_is_a_json_404_not_a_redirect(cl
     assert "Location" not in response.headers
 
 
+def test_a_type_marker_whose_value_does_not_read_leaves_the_stored_text(client, redis_client):
+    # Another program's values under this service's markers: JSON has no NaN or Infinity.
+    stored = {"n": "nan", "m": "-inf", "k": "abc", "b": "yes", "z": "1", "ok": "2.5"}
+    markers = {"_type:n": "float", "_type:m": "float", "_type:k": "int", "_type:b": "bool",
+               "_type:z": "complex", "_type:ok": "float"}
+    redis_client.hset("customer:typed", mapping={**stored, **markers})
+    expected = {"id": "typed", **stored, "ok": 2.5}
+    assert client.get("/customers/typed").get_json() == expected
+    assert client.get("/customers").get_json() == [expected]
+    projected = client.get("/customers/typed?fields=n,m,ok").get_json()
+    assert projected == {"id": "typed", "n": "nan", "m": "-inf", "ok": 2.5}
+
+
 def test_a_hash_larger_than_max_fields_written_elsewhere_still_reads_and_lists(
         client, redis_client):
     fields = {f"f{n}": str(n) for n in range(1500)}
