@@ -117,6 +117,9 @@ def parse_object(text: bytes, what: str = "the body") -> dict:
                       "(about 1.8e308)") from None
     except DuplicateName as error:
         raise Invalid(f"{what} names member {json.dumps(str(error))} more than once") from None
+    except UnicodeDecodeError:
+        # Latin-1 or Windows-1252 text, say, whatever charset the Content-Type names.
+        raise Invalid(f"{what} is not UTF-8 text: JSON is sent in UTF-8 (RFC 8259 8.1)") from None
     except (ValueError, RecursionError):
         raise Invalid(f"{what} is not valid JSON") from None
     if not isinstance(body, dict):

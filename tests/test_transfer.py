@@ -172,7 +172,7 @@ def test_lines_with_an_id_merge_as_put_does_and_lines_without_one_are_created(cl
     (b'{"a": 1e400}', "outside the range of a 64-bit float"),
     (b'{"a": NaN}', "the line is not valid JSON"),
     (b'{"a": "\\ud800"}', "lone surrogate"),
-    (b'{"a": "\xff"}', "the line is not valid JSON"),
+    (b'{"a": "\xff"}', "the line is not UTF-8 text"),
     (b'{"a": 1, "b": 2, "c": 3, "d": 4}', "at most MAX_FIELDS=3 fields"),
 ])
 def test_a_bad_line_fails_alone_and_the_others_are_applied(redis_client, line, words):
