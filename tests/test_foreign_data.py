@@ -120,6 +120,20 @@ def test_a_type_marker_whose_value_does_not_read_leaves_the_stored_text(client, 
     assert projected == {"id": "typed", "n": "nan", "m": "-inf", "ok": 2.5}
 
 
+def test_an_expiry_another_program_set_outlives_the_services_writes(client, redis_client):
+    # The service changes fields, never a key's expiry: documented in docs/storage.md.
+    redis_client.hset("customer:ttl", "name", "Temp")
+    redis_client.expire("customer:ttl", 1000)
+    assert client.put("/customers/ttl", json={"n": 1}).status_code == 204
+    response = client.patch("/customers/ttl", json={"m": 2}, headers=MERGE_PATCH)
+    assert response.status_code == 200
+    assert 0 < redis_client.ttl("customer:ttl") <= 1000
+    # A customer created again after its key expired has none.
+    redis_client.delete("customer:ttl")
+    assert client.put("/customers/ttl", json={"n": 1}).status_code == 201
+    assert redis_client.ttl("customer:ttl") == -1
+
+
 def test_a_hash_larger_than_max_fields_written_elsewhere_still_reads_and_lists(
         client, redis_client):
     fields = {f"f{n}": str(n) for n in range(1500)}
