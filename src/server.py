@@ -238,9 +238,13 @@ class Customers(Resource):
     def post(self):
         """Create a customer under a new id (once per Idempotency-Key if one is sent), or import
         NDJSON lines (see transfer.py)."""
-        if request.mimetype == transfer.NDJSON:
-            return transfer.import_customers(self.store)
         key = request.environ.get(IDEMPOTENCY_KEY)
+        if request.mimetype == transfer.NDJSON:
+            if key is not None:
+                # Ignored, the key would promise a retry that the lines without ids break.
+                errors.fail(400, f"an import takes no {idempotency.HEADER}: give each line an "
+                                 "id, and sending the import again is safe (docs/bulk.md)")
+            return transfer.import_customers(self.store)
         if key is not None:
             return idempotent_post(self.creates, key)
         customer = self.store.create(validation.read_fields())

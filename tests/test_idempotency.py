@@ -104,6 +104,15 @@ def test_a_compressed_body_with_a_key_is_415_and_leaves_the_key_unused(client, s
     assert post(client, ANN).status_code == 201
 
 
+def test_an_import_with_a_key_is_400_and_applies_no_line(client, stored_keys):
+    # A retried import would create its lines without ids again: the key would promise more.
+    lines = b'{"name": "Ann"}\n{"id": "7", "name": "Bo"}\n'
+    sent = post(client, lines.decode(), **{"Content-Type": "application/x-ndjson"})
+    assert sent.status_code == 400
+    assert "an import takes no Idempotency-Key: give each line an id" in sent.get_json()["message"]
+    assert stored_keys() == []
+
+
 def test_the_record_expires_after_the_ttl(redis_client, client):
     post(client, ANN)
     assert DAY_MS - 60_000 < redis_client.pttl(record_key("order-7")) <= DAY_MS
