@@ -90,18 +90,6 @@ class JsonApi(Api):
         raise e
 
 
-def check_query(*known: str) -> None:
-    """Stop with 400 when the query names a parameter this request does not take: a list asked
-    with ?limt=10 would otherwise stream every customer, a PUT with ?dry_run=1 would write."""
-    if not request.environ.get("QUERY_STRING"):
-        return
-    unknown = sorted(set(request.args) - set(known))
-    if unknown:
-        takes = f"takes only {', '.join(known)}" if known else "takes no query parameter"
-        errors.fail(400, f"unknown query parameter {unknown[0][:100]!r}: {request.method} "
-                         f"{request.path[:100]} {takes}")
-
-
 def page_arguments() -> tuple[int, str | None] | None:
     """Return the page size and cursor asked for, or None when the whole list is wanted."""
     if "limit" not in request.args and "cursor" not in request.args:
@@ -225,7 +213,7 @@ class Customers(Resource):
     def get(self):
         """List every customer, streamed, or one page of them when limit or cursor is given;
         as JSON, or as NDJSON when Accept asks for it."""
-        check_query("limit", "cursor", "fields")
+        validation.check_query("limit", "cursor", "fields")
         asked, ndjson = fields_asked(), transfer.wanted()
         paging = page_arguments()
         if paging is None:
@@ -251,11 +239,12 @@ class Customers(Resource):
     def post(self):
         """Create a customer under a new id (once per Idempotency-Key if one is sent), or import
         NDJSON lines (see transfer.py)."""
-        check_query()
+        validation.check_query()
         key = request.environ.get(IDEMPOTENCY_KEY)
         if request.mimetype == transfer.NDJSON:
             if key is not None:
-                # Ignored, the key would promise a retry that the lines without ids break.
+                # Taken and ignored, the key would promise a safe retry: a retried import
+                # creates its lines without ids again.
                 errors.fail(400, f"an import takes no {idempotency.HEADER}: give each line an "
                                  "id, and sending the import again is safe (docs/bulk.md)")
             return transfer.import_customers(self.store)
@@ -284,7 +273,7 @@ class Customers_ID(Resource):  # noqa: N801 - the name of the original design
         """Return one customer with its ETag, or 304 when If-None-Match names it; with
         ?fields=, only those fields and no ETag."""
         validation.check_id(customer_id)
-        check_query("fields")
+        validation.check_query("fields")
         asked = fields_asked()
         # Conditions name versions of the whole customer: with them, it is read whole.
         projected = asked and not preconditions.conditional()
@@ -307,7 +296,7 @@ class Customers_ID(Resource):  # noqa: N801 - the name of the original design
     def put(self, customer_id):
         """Merge the given fields into a customer, creating it if absent; null removes a field."""
         validation.check_id(customer_id)
-        check_query()
+        validation.check_query()
         fields = validation.read_fields(customer_id)
         condition = preconditions.write_condition()
         try:
@@ -329,7 +318,7 @@ class Customers_ID(Resource):  # noqa: N801 - the name of the original design
     def patch(self, customer_id):
         """Apply a JSON merge patch to an existing customer and return it with its ETag."""
         validation.check_id(customer_id)
-        check_query()
+        validation.check_query()
         fields = validation.read_merge_patch(customer_id)
         try:
             customer = self.store.patch(customer_id, fields, preconditions.write_condition())
@@ -348,7 +337,7 @@ class Customers_ID(Resource):  # noqa: N801 - the name of the original design
     def delete(self, customer_id):
         """Delete a customer; deleting one that does not exist succeeds too (unless If-Match)."""
         validation.check_id(customer_id)
-        check_query()
+        validation.check_query()
         condition = preconditions.write_condition()
         try:
             if condition is None:

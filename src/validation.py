@@ -33,6 +33,18 @@ ID_RULE = (f"a customer id is 1 to {MAX_ID_LENGTH} characters, with no control c
            "and not . or ..")
 
 
+def check_query(*known: str) -> None:
+    """Stop with 400 when the query names a parameter this request does not take: a list asked
+    with ?limt=10 would otherwise stream every customer, a PUT with ?dry_run=1 would write."""
+    if not request.environ.get("QUERY_STRING"):
+        return
+    unknown = sorted(set(request.args) - set(known))
+    if unknown:
+        takes = f"takes only {', '.join(known)}" if known else "takes no query parameter"
+        fail(400, f"unknown query parameter {unknown[0][:100]!r}: {request.method} "
+                  f"{request.path[:100]} {takes}")
+
+
 def check_id(customer_id: str) -> None:
     """Stop with 400 unless the id is one a URL can name (see storage.valid_id)."""
     if not valid_id(customer_id):
@@ -80,8 +92,8 @@ def check_not_encoded(headers: dict | None = None) -> None:
     # The server undoes chunked and passes any other coding (gzip, chunked) on as it came.
     codings = environ.get("HTTP_TRANSFER_ENCODING", "").lower().split(",")
     if any(coding.strip() not in ("", "chunked") for coding in codings):
-        fail(501, "the body must not be compressed: send it with no Transfer-Encoding but "
-                  "chunked (RFC 9112 6.1)")
+        fail(501, "send the body with no Transfer-Encoding but chunked: the service undoes no "
+                  "other coding (RFC 9112 6.1)")
 
 
 def read_body() -> bytes:
