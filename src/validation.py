@@ -90,8 +90,8 @@ def check_not_encoded(headers: dict | None = None) -> None:
         fail(415, "the body must not be compressed: send it without Content-Encoding",
              {"Accept-Encoding": "identity", **(headers or {})})
     # The server undoes chunked and passes any other coding (gzip, chunked) on as it came.
-    codings = environ.get("HTTP_TRANSFER_ENCODING", "").lower().split(",")
-    if any(coding.strip() not in ("", "chunked") for coding in codings):
+    transfer = environ.get("HTTP_TRANSFER_ENCODING", "").lower()
+    if any(part.strip() not in ("", "chunked") for part in transfer.split(",")):
         fail(501, "send the body with no Transfer-Encoding but chunked: the service undoes no "
                   "other coding (RFC 9112 6.1)")
 
