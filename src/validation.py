@@ -3,6 +3,7 @@
 import json
 import math
 import sys
+from urllib.parse import unquote_to_bytes
 
 import orjson
 from flask import current_app, request
@@ -31,13 +32,29 @@ class DuplicateName(ValueError):
 
 ID_RULE = (f"a customer id is 1 to {MAX_ID_LENGTH} characters, with no control characters, "
            "and not . or ..")
+NOT_UTF8 = ("is not UTF-8 once percent-decoded: URLs carry text as the percent-encoded bytes of "
+            "its UTF-8 (RFC 3986 2.5)")
+
+
+def _utf8(wsgi_text: str, percent_encoded: bool = False) -> bool:
+    """Tell whether a WSGI string (the request's bytes as Latin-1) is UTF-8, once decoded."""
+    raw = wsgi_text.encode("latin-1")
+    try:
+        (unquote_to_bytes(raw) if percent_encoded else raw).decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def check_query(*known: str) -> None:
     """Stop with 400 when the query names a parameter this request does not take: a list asked
     with ?limt=10 would otherwise stream every customer, a PUT with ?dry_run=1 would write."""
-    if not request.environ.get("QUERY_STRING"):
+    query = request.environ.get("QUERY_STRING")
+    if not query:
         return
+    # werkzeug reads bytes that are not UTF-8 as U+FFFD: ?fields=%FF would ask for "\ufffd".
+    if ("%" in query or not query.isascii()) and not _utf8(query, percent_encoded=True):
+        fail(400, f"the query string {NOT_UTF8}")
     unknown = sorted(set(request.args) - set(known))
     if unknown:
         takes = f"takes only {', '.join(known)}" if known else "takes no query parameter"
@@ -49,6 +66,10 @@ def check_id(customer_id: str) -> None:
     """Stop with 400 unless the id is one a URL can name (see storage.valid_id)."""
     if not valid_id(customer_id):
         fail(400, ID_RULE)
+    # werkzeug reads bytes that are not UTF-8 as U+FFFD, so /customers/%FF and /customers/%FE
+    # would both name customer "\ufffd": a DELETE of one would delete the other.
+    if "\ufffd" in customer_id and not _utf8(request.environ["PATH_INFO"]):
+        fail(400, f"the customer id {NOT_UTF8}")
 
 
 def _no_constants(name):

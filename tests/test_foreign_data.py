@@ -98,6 +98,45 @@ def test_a_doubled_slash_names_the_id_that_holds_it_never_a_redirect_to_another(
     assert client.get("/customers").get_json() == [{"id": "x", "name": "X"}]
 
 
+# What a WSGI server hands the app for /customers/%FF and the like: the path's bytes, read as
+# Latin-1. werkzeug reads bytes that are not UTF-8 as U+FFFD, so each named customer "\ufffd".
+NOT_UTF8_PATHS = ["/customers/\xff", "/customers/\xfe", "/customers/\xc0\xaf",
+                  "/customers/\xed\xa0\x80", "/customers/\xef\xbf\xbd\xff"]
+
+
+@pytest.mark.parametrize("path", NOT_UTF8_PATHS)
+def test_an_id_that_is_not_utf8_in_the_url_is_400_never_another_customer(
+        client, stored_keys, path):
+    client.put("/customers/%EF%BF%BD", json={"name": "Replacement"})
+    client.put("/customers/%EF%BF%BD%EF%BF%BD", json={"name": "Two"})
+    for method in ("GET", "PUT", "PATCH", "DELETE", "OPTIONS"):
+        response = client.open("/customers/x", method=method, json={"name": "Eve"},
+                               headers={"Content-Type": "application/merge-patch+json"}
+                               if method == "PATCH" else {},
+                               environ_overrides={"PATH_INFO": path})
+        assert response.status_code == 400, method
+        assert response.get_json() == {"message": (
+            "the customer id is not UTF-8 once percent-decoded: URLs carry text as the "
+            "percent-encoded bytes of its UTF-8 (RFC 3986 2.5)")}
+    assert stored_keys() == ["customer:\ufffd", "customer:\ufffd\ufffd"]
+    assert client.get("/customers/%EF%BF%BD").get_json() == {
+        "id": "\ufffd", "name": "Replacement"}
+
+
+@pytest.mark.parametrize("query", ["fields=%FF", "fields=a%C0%AF", "limit=%FF", "cursor=%FE",
+                                   "x%FF=1", "fields=\xff"])
+def test_a_query_that_is_not_utf8_is_400(client, query):
+    client.put("/customers/1", json={"name": "Ada"})
+    for path in ("/customers", "/customers/1"):
+        response = client.get(path, environ_overrides={"QUERY_STRING": query})
+        assert response.status_code == 400
+        assert response.get_json()["message"].startswith(
+            "the query string is not UTF-8 once percent-decoded")
+    # The same text, percent-encoded from UTF-8, is read.
+    response = client.get("/customers/1", environ_overrides={"QUERY_STRING": "fields=%C3%A9"})
+    assert response.get_json() == {"id": "1"}
+
+
 @pytest.mark.parametrize("path", ["//customers", "/customers/", "/docs/", "/docs//index.html",
                                   "/docs/a//b", "//healthz", "/static/x", "//"])
 def test_a_path_with_a_doubled_or_trailing_slash_is_a_json_404_not_a_redirect(client, path):

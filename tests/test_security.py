@@ -365,7 +365,7 @@ def test_the_real_service_refuses_a_compressed_body(memorydb_cluster):
 
 @pytest.mark.cluster
 @pytest.mark.usefixtures("empty_memorydb_cluster")
-def test_the_real_service_routes_a_doubled_slash_to_the_id_that_holds_it(memorydb_cluster):
+def test_the_real_service_routes_a_doubled_slash_or_foreign_bytes_to_no_other_id(memorydb_cluster):
     env = {**memorydb_cluster.service_env(), "API_TOKENS": TOKEN, "WORKERS": "1"}
     with ServiceProcess(env) as service:
         assert send(service.port, "PUT", "/customers/x", {"name": "X"}, TOKEN)[0] == 201
@@ -375,6 +375,17 @@ def test_the_real_service_routes_a_doubled_slash_to_the_id_that_holds_it(memoryd
         assert send(service.port, "DELETE", "/customers//x", token=TOKEN)[0] == 204
         assert send(service.port, "GET", "/customers", token=TOKEN) == (
             200, '[{"id":"x","name":"X"}]\n')
+        # %FF is no UTF-8: it once named customer "\ufffd", as %FE and %EF%BF%BD do.
+        assert send(service.port, "PUT", "/customers/%EF%BF%BD", {"name": "R"}, TOKEN)[0] == 201
+        for method in ("GET", "PUT", "DELETE"):
+            status, body = send(service.port, method, "/customers/%FF", {"name": "Eve"}, TOKEN)
+            assert status == 400
+            assert "not UTF-8 once percent-decoded" in body
+        status, body = send(service.port, "GET", "/customers?fields=%FE", token=TOKEN)
+        assert status == 400
+        assert "the query string is not UTF-8" in body
+        assert send(service.port, "GET", "/customers/%EF%BF%BD", token=TOKEN) == (
+            200, '{"id":"\ufffd","name":"R"}\n')
 
 
 def _answers(port, data: bytes) -> bytes:
