@@ -15,6 +15,8 @@ from importlib import metadata
 
 from redis import exceptions as rx
 
+from database import classified
+
 log = logging.getLogger(__name__)
 # The releases Batch was written and tested for (the pins of requirements.txt).
 FAST_READER = {"redis": "8.1.", "hiredis": "3."}
@@ -88,7 +90,7 @@ class Batch:
             self.connection = None
         scanned = replies.pop() if self.scans else None
         if isinstance(scanned, Exception):
-            raise scanned
+            raise classified(scanned)
         return replies, scanned
 
     def close(self) -> None:
@@ -123,7 +125,7 @@ class PipelineBatch:
             self.close()
         scanned = replies.pop() if self.scans else None
         if isinstance(scanned, Exception):
-            raise scanned
+            raise classified(scanned)
         return replies, scanned
 
     def close(self) -> None:

@@ -89,10 +89,11 @@ class Pending:
                         # A node that restarted (no scripts yet) or a key that moved: that one
                         # alone, through the store, which loads the script or follows the move.
                         alone.append(at)
-                    elif (refused := refusal(self.items[at][0], reply)) is not reply:
+                    elif isinstance(refused := refusal(self.items[at][0], reply),
+                                    NotACustomer | TooManyFields):
                         results[at] = refused  # another program's key, or too many fields
                     else:
-                        failure = failure or reply
+                        failure = failure or refused
                 if self.store.wait_replicas:
                     acknowledged = connection.read_response()
                     if acknowledged < self.store.wait_replicas:

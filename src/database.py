@@ -34,6 +34,7 @@ retried.
 import functools
 import logging
 import random
+import re
 import threading
 import time
 
@@ -60,6 +61,46 @@ KEEPER_PAUSE_SECONDS = 0.5
 PERMANENT_WORDS = ("CERTIFICATE_VERIFY_FAILED", "WRONG_VERSION_NUMBER", "NOAUTH", "WRONGPASS")
 
 
+# Replies of a database that answers but refuses commands for now, by their first word: what
+# each means for a client. Waiting may mend them, but not within a request: answered 503 at once.
+REFUSALS = {
+    "OOM": "it is full (maxmemory reached) and takes no writes",
+    "BUSY": "it is busy running a script",
+    "MISCONF": "it takes no writes: it could not save to disk",
+    "NOREPLICAS": "it takes no writes: too few replicas are in sync",
+}
+
+SCRIPT_ERROR = re.compile(r"Error running script \(call to [^)]*\): .*?: -([A-Z]+) ")
+
+
+class Refusing(rx.ResponseError):
+    """The database answers, but refuses commands for now (one of REFUSALS)."""
+
+    def __init__(self, code: str, reply: str):
+        super().__init__(reply)
+        self.code = code
+
+    @property
+    def reason(self) -> str:
+        """Say why, for a client."""
+        return REFUSALS[self.code]
+
+
+def classified(error: BaseException) -> BaseException:
+    """Return a Refusing for an error reply that says the database refuses for now, else the
+    error itself: redis-py gives most of them as a plain ResponseError."""
+    if isinstance(error, Refusing) or not isinstance(error, rx.ResponseError):
+        return error
+    if isinstance(error, rx.OutOfMemoryError):  # redis-py drops the reply's "OOM"
+        return Refusing("OOM", f"OOM {error}")
+    text = str(error)
+    code = text.split(" ", 1)[0]
+    # Redis 6.2 wraps what a script's command met in an ERR (redis-py drops the "ERR").
+    if code == "Error" and (wrapped := SCRIPT_ERROR.match(text)):
+        code = wrapped.group(1)
+    return Refusing(code, text) if code in REFUSALS else error
+
+
 class ReplicasBehind(rx.RedisError):
     """A write reached its primary but not DBWAITREPLICAS replicas in time: not acknowledged."""
 
@@ -71,7 +112,7 @@ class Unreplicated(rx.RedisError):
 # What "the database is unavailable" means: it cannot answer now (a 503 with Retry-After), as
 # opposed to a bug in a request. Waiting mends some (TRANSIENT), not others (PERMANENT).
 UNAVAILABLE = TRANSIENT + PERMANENT + (rx.MasterDownError, rx.BusyLoadingError, ReplicasBehind,
-                                       Unreplicated)
+                                       Unreplicated, Refusing)
 
 
 class LazyCluster:
@@ -366,7 +407,7 @@ def on_primary(redis, key: str, *command):
     if isinstance(reply, rx.AskError):
         return redis.execute_command(*command)
     if isinstance(reply, rx.ResponseError):
-        raise reply
+        raise classified(reply)
     return reply
 
 
@@ -403,10 +444,13 @@ def write_and_wait(redis, key: str, commands: list, replicas: int, timeout: floa
         pipe.execute_command(*command)
     pipe.execute_command("EXEC")
     pipe.execute_command("WAIT", replicas, int(timeout * 1000))
-    *_, results, acknowledged = pipe.execute()
+    try:
+        *_, results, acknowledged = pipe.execute()
+    except rx.ResponseError as error:
+        raise classified(error) from None
     for result in results:
         if isinstance(result, Exception):
-            raise result
+            raise classified(result)
     if acknowledged < replicas and (wrote is None or wrote(results)):
         raise ReplicasBehind(f"{acknowledged} of {replicas} replicas confirmed the write to {key}")
     return results

@@ -2,9 +2,10 @@
 
 import logging
 
+from redis import exceptions as rx
 from redis.cluster import RedisCluster
 
-from database import UNAVAILABLE, LazyCluster
+from database import UNAVAILABLE, LazyCluster, Refusing, classified
 from errors import RETRY_AFTER_SECONDS
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,11 @@ def database_problem(redis) -> str | None:
                 return f"cluster_state is {state} on {node.name}"
     except UNAVAILABLE as error:
         return f"database unreachable: {type(error).__name__}: {error}"
+    except rx.ResponseError as error:
+        refusing = classified(error)  # BUSY, or MISCONF for a PING
+        if not isinstance(refusing, Refusing):
+            raise
+        return f"database refusing: {refusing.reason}: {refusing}"
     return None
 
 

@@ -11,12 +11,13 @@ import logging
 import time
 from array import array
 
+from redis import exceptions as rx
 from redis.exceptions import AskError, ClusterError
 from redis.exceptions import TimeoutError as NoAnswer
 
 import metrics
 import projection
-from database import UNAVAILABLE, primary_of
+from database import UNAVAILABLE, classified, primary_of
 from storage import (
     KEY_PREFIX,
     CustomerStore,
@@ -81,7 +82,10 @@ def _slot_layout(redis) -> list:
         if outages and outages.is_down(node.name):
             continue
         try:
-            reply = redis.get_redis_connection(node).execute_command("CLUSTER SLOTS")
+            try:
+                reply = redis.get_redis_connection(node).execute_command("CLUSTER SLOTS")
+            except rx.ResponseError as error:
+                raise classified(error) from None  # a BUSY node: another may answer
         except UNAVAILABLE as error:
             if outages:
                 outages.failed(error, node.name)
@@ -122,7 +126,7 @@ def customers_of(redis, keys: list, replies: list, asked: tuple = ()) -> list:
             elif is_wrongtype(raw):
                 continue
             else:
-                raise raw
+                raise classified(raw)
         if raw:
             customers.append(decode(key[start:], raw))
     return customers

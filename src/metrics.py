@@ -207,7 +207,10 @@ def install(app) -> None:
 def database_error(error: Exception) -> None:
     """Count a failed database call, by the kind of its error."""
     if _metrics is not None:
-        _metrics.database_errors.labels(type(error).__name__).inc()
+        # A database that refuses (database.Refusing) is counted by why: "Refusing OOM".
+        code = getattr(error, "code", None)
+        kind = type(error).__name__ + (f" {code}" if isinstance(code, str) else "")
+        _metrics.database_errors.labels(kind).inc()
 
 
 def operation_retried() -> None:

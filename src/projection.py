@@ -2,7 +2,7 @@
 
 from redis import exceptions as rx
 
-from database import on_primary
+from database import classified, on_primary
 from storage import KEY_PREFIX, TYPE_PREFIX, NotACustomer, customer_key, decode, is_wrongtype
 from validation import Invalid, check_fields
 
@@ -76,7 +76,7 @@ def customers_of(redis, keys: list, replies: list, asked: tuple) -> list:
             elif is_wrongtype(values):
                 continue
             else:
-                raise values
+                raise classified(values)
         if any(value is not None for value in values):
             customers.append(customer(key[start:], asked, values))
         else:

@@ -11,7 +11,15 @@ from operator import itemgetter
 from redis import exceptions as rx
 
 from bulk import batch_class
-from database import Retrying, Unreplicated, on_primary, primary_of, retried, run_script
+from database import (
+    Retrying,
+    Unreplicated,
+    classified,
+    on_primary,
+    primary_of,
+    retried,
+    run_script,
+)
 from outages import Outages
 
 log = logging.getLogger(__name__)
@@ -337,9 +345,18 @@ class CustomerStore:
                 if not commands:
                     return current
                 pipe.execute_command("MULTI")
-                for command in commands:
-                    pipe.execute_command(*command)
-                replies = pipe.execute_command("EXEC")
+                try:
+                    for command in commands:
+                        pipe.execute_command(*command)
+                    replies = pipe.execute_command("EXEC")
+                except BaseException as error:
+                    # A command refused as it was queued (by a full database, say) leaves the
+                    # connection inside MULTI, where the next request's commands would only
+                    # be queued: it goes back to the pool closed.
+                    pipe.connection.disconnect()
+                    if isinstance(error, rx.ResponseError):
+                        raise refusal(customer_id, error) from None
+                    raise
                 if replies is None:
                     continue  # another writer changed the customer after WATCH: read again
                 for reply in replies:
@@ -414,4 +431,4 @@ def refusal(customer_id: str, error: rx.ResponseError) -> Exception:
         return NotACustomer(customer_id)
     if str(error).startswith("TOOMANYFIELDS"):
         return TooManyFields(int(str(error).split()[1]))
-    return error
+    return classified(error)

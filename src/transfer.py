@@ -255,7 +255,7 @@ def import_customers(store) -> Response:
         errors.fail(408, f"the import came too slowly (MIN_BODY_RATE): {tally.so_far()}")
     except UNAVAILABLE as error:
         log.warning("import stopped: %s: %s", type(error).__name__, error)
-        errors.fail(503, f"the database is unavailable; {tally.so_far(pending=True)}; "
+        errors.fail(503, f"{errors.database_state(error)}; {tally.so_far(pending=True)}; "
                          "try again shortly",
                     {"Retry-After": str(errors.RETRY_AFTER_SECONDS)})
     finally:
