@@ -115,6 +115,16 @@ UNAVAILABLE = TRANSIENT + PERMANENT + (rx.MasterDownError, rx.BusyLoadingError, 
                                        Unreplicated, Refusing)
 
 
+def eviction_warning(policy: str | None) -> str | None:
+    """Say what a primary's maxmemory-policy may do to the service's data when it is full."""
+    if policy is None or policy == "noeviction":
+        return None
+    if policy.startswith("volatile-"):
+        return ("idempotency records (which expire) can be evicted before their time: a POST "
+                "retried with its Idempotency-Key could create a second customer")
+    return "customers can be evicted: a write answered 201 or 204 could later vanish"
+
+
 class LazyCluster:
     """A RedisCluster that a thread connects in the background, even while the database is down.
 
@@ -137,6 +147,7 @@ class LazyCluster:
         self._keeper = None
         self._keeper_lock = threading.Lock()
         self._probing = set()
+        self._policies_read = set()
 
     def client(self) -> RedisCluster:
         """Return the connected client (raises NodeDown while the keeper cannot connect)."""
@@ -185,6 +196,8 @@ class LazyCluster:
             else:
                 self._probe_down_nodes()
                 self._relearn_layout()
+            if self._client is not None:
+                self._read_eviction_policies()
             if self._client is None or self.outages.down():
                 self._stopped.wait(KEEPER_PAUSE_SECONDS)
             else:
@@ -202,6 +215,27 @@ class LazyCluster:
             log.info("connected to the database at %s", self._startup)
         finally:
             self._tried.set()
+
+    def _read_eviction_policies(self) -> None:
+        """Warn, once a primary, when a full database may evict the service's keys."""
+        for node in self._client.get_primaries():
+            if node.name in self._policies_read or self.outages.is_down(node.name):
+                continue
+            try:
+                memory = self._client.get_redis_connection(node).info("memory")
+            except rx.NoPermissionError as error:
+                self._policies_read.add(node.name)
+                log.info("cannot read the maxmemory-policy of database node %s (%s): it should "
+                         "be noeviction", node.name, error)
+                continue
+            except Exception as error:  # noqa: BLE001 - read again at the next round
+                log.debug("reading the maxmemory-policy of %s failed: %s", node.name, error)
+                continue
+            self._policies_read.add(node.name)
+            policy = memory.get("maxmemory_policy")
+            if warning := eviction_warning(policy):
+                log.warning("database node %s has maxmemory-policy %s: when it is full, %s; "
+                            "set it to noeviction", node.name, policy, warning)
 
     def _probe_down_nodes(self) -> None:
         """Ping each node known down, each in a thread of its own: paused ones take DBTIMEOUT."""

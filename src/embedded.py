@@ -41,14 +41,15 @@ log = logging.getLogger(__name__)
 SERVICE_USER = "service"
 ADMIN_USER = "admin"
 # What the service's user may run: its data commands on customer keys and Idempotency-Key
-# records (PEXPIRE: a record's time to live), and what redis-py's cluster client needs on a
+# records (PEXPIRE: a record's time to live), INFO (to read maxmemory-policy: one that evicts
+# loses acknowledged writes), and what redis-py's cluster client needs on a
 # managed cluster (the embedded server is no cluster and refuses the CLUSTER ones). The tests'
 # MemoryDB-shaped cluster gives its app user the same string, so the service is tested under it.
 SERVICE_ACCESS = (f"~{KEY_PREFIX}* ~{RECORD_PREFIX}* resetchannels -@all +auth +hello +ping "
                   "+cluster|slots +cluster|shards +cluster|info +cluster|nodes +command "
                   "+readonly +readwrite +asking +hgetall +hget +hmget +hset +hdel +del +exists "
                   "+type +hlen +hkeys +scan +multi +exec +discard +watch +unwatch +wait "
-                  "+evalsha +script|load +pexpire")
+                  "+evalsha +script|load +pexpire +info")
 # What the service and the server keep in the data directory (appendonlydir is a folder).
 # "port" and "nodes.conf" are left by the former cluster-mode server, which listened on TCP.
 OWN_FILES = ("socket", "redis.conf", "redis.log", "*.password", "appendonly*", "*.aof", "*.rdb",

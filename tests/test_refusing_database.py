@@ -1,4 +1,4 @@
-"""A database that answers but refuses: full, busy with a script, short of replicas.
+"""A database that answers but refuses (full, busy with a script, short of replicas), or may evict.
 
 Each is a 503 naming why, nothing changes, and the service serves again on the same
 connections once the database does (on Valkey 8.1, and on Redis 7.0 with TLS, ACLs, replicas).
@@ -12,7 +12,7 @@ import pytest
 from redis import exceptions as rx
 
 from conftest import cluster_config
-from database import Refusing, classified
+from database import Refusing, classified, connect, eviction_warning
 from errors import RETRY_AFTER_SECONDS
 from server import create_app
 from test_metrics import samples
@@ -188,3 +188,35 @@ def test_each_refusal_reads_as_the_database_refusing(error, reason):
     for other in (rx.ResponseError("unknown command 'X'"), rx.ResponseError(
             "Error running script (call to f_0): @user_script:1: WRONGTYPE not a hash")):
         assert classified(other) is other
+
+
+def test_a_primary_that_may_evict_the_services_keys_is_named_in_a_warning(refusing, caplog):
+    cluster, _, configure = refusing
+    configure(**{"maxmemory-policy": "noeviction"})
+    evicting = cluster.primary_nodes()[0]
+    cluster.admin(evicting).config_set("maxmemory-policy", "allkeys-lru")
+    # A client of its own: the policies are read once a primary, by its keeper.
+    database = connect(cluster_config(cluster))
+    try:
+        database.ping()
+        deadline = time.monotonic() + 10
+        while "maxmemory-policy" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        database.close()
+    warnings = [record.getMessage() for record in caplog.records
+                if "maxmemory-policy" in record.getMessage()]
+    assert warnings == [
+        f"database node 127.0.0.1:{evicting.port} has maxmemory-policy allkeys-lru: when it is "
+        "full, customers can be evicted: a write answered 201 or 204 could later vanish; set it "
+        "to noeviction"]
+
+
+@pytest.mark.parametrize(("policy", "words"), [
+    ("noeviction", None), (None, None),
+    ("volatile-lru", "idempotency records"), ("volatile-ttl", "idempotency records"),
+    ("allkeys-lfu", "customers can be evicted"), ("allkeys-random", "customers can be evicted"),
+])
+def test_each_eviction_policy_reads_as_what_it_does_to_the_services_keys(policy, words):
+    warning = eviction_warning(policy)
+    assert warning is None if words is None else words in warning
