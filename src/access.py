@@ -3,16 +3,24 @@
 import hashlib
 import hmac
 import logging
+from urllib.parse import urlsplit
 
 from flask import request
 from werkzeug.datastructures import WWWAuthenticate
-from werkzeug.exceptions import Unauthorized
+from werkzeug.exceptions import HTTPException, Unauthorized
 
 from settings import is_loopback
 
 log = logging.getLogger(__name__)
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 REALM = "customers"
+
+
+class MisdirectedRequest(HTTPException):
+    """421: the request names a server this one does not answer for (RFC 9110 15.5.20)."""
+
+    code = 421
+    description = "this service does not answer for the Host the request names"
 
 
 def _digest(token: bytes) -> bytes:
@@ -80,11 +88,41 @@ class Guard:
         return response
 
 
-def install(app, tokens, path_tokens=None) -> Guard:
-    """Make every request outside OPEN_PATHS name one of the tokens (if any); add the headers."""
+def names_this_machine(host_header: str) -> bool:
+    """Tell whether a Host header names a loopback address, localhost or a *.localhost name
+    (or 0.0.0.0, which reaches this machine too)."""
+    try:
+        name = urlsplit(f"//{host_header}").hostname or ""
+    except ValueError:  # an unclosed [
+        return False
+    return is_loopback(name) or name.endswith(".localhost") or name in ("0.0.0.0", "::")
+
+
+def check_host() -> None:
+    """Stop with 421 when the Host header names another machine (paths in OPEN_PATHS excepted).
+
+    Without tokens, a service on loopback serves whoever reaches it, and a web page can reach
+    it: its script asks for its own name, which its DNS then points at 127.0.0.1 (DNS
+    rebinding). The browser sends that name as the Host; a client of this machine sends one of
+    its own names.
+    """
+    host = request.environ.get("HTTP_HOST")
+    if host is None or names_this_machine(host) or request.path in OPEN_PATHS:
+        return
+    raise MisdirectedRequest(
+        f"Host {host[:100]!r} is not a name of this machine: without API tokens, the service "
+        "answers only requests sent to localhost or a loopback address (a web page can point "
+        "its own name at 127.0.0.1); set API_TOKENS to serve requests under other names")
+
+
+def install(app, tokens, path_tokens=None, host: str = "127.0.0.1") -> Guard:
+    """Make every request outside OPEN_PATHS name one of the tokens (if any), or, open on a
+    loopback host, be addressed to this machine; add the headers."""
     guard = Guard(tokens, path_tokens)
     if guard.digests or guard.by_path:
         app.before_request(guard.check_token)
+    if not guard.digests and is_loopback(host):
+        app.before_request(check_host)
     app.after_request(guard.add_headers)
     return guard
 

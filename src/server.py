@@ -375,7 +375,8 @@ def create_app(config: Config, redis_client) -> Flask:
     app.config["MAX_IMPORT_BYTES"] = config.max_import_bytes
     errors.register(app)
     request_log.install(app)
-    guard = access.install(app, config.api_tokens, {"/metrics": config.metrics_tokens})
+    guard = access.install(app, config.api_tokens, {"/metrics": config.metrics_tokens},
+                           config.host)
     if config.metrics:
         metrics.install(app)
     store = CustomerStore(redis_client, config.db_retry_seconds, config.db_wait_replicas,

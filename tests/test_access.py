@@ -132,3 +132,48 @@ def test_a_base64_token_with_padding_works(redis_client):
                         redis_client).test_client()
     assert client.get("/customers", headers=bearer(token)).status_code == 200
     assert client.get("/customers", headers=bearer(token[:-1])).status_code == 401
+
+
+# A web page can point its own name at 127.0.0.1 (DNS rebinding): its script's requests then
+# reach a service open on loopback, sent with that name as the Host.
+FOREIGN_HOSTS = ["evil.example", "evil.example:8080", "localhost.evil.example",
+                 "127.0.0.1.nip.io:8080", "[::1", ""]
+LOCAL_HOSTS = ["localhost", "LOCALHOST:8080", "127.0.0.1:8080", "127.0.0.2", "[::1]:8080",
+               "app.localhost:3000", "0.0.0.0:8080"]
+
+
+@pytest.mark.parametrize("host", FOREIGN_HOSTS)
+def test_open_on_loopback_a_request_for_another_host_is_421_and_changes_nothing(
+        redis_client, stored_keys, host):
+    client = create_app(Config(), redis_client).test_client()
+    client.put("/customers/1", json={"name": "Ada"})
+    foreign = {"Host": host}
+    for response in (client.get("/customers", headers=foreign),
+                     client.get("/customers/1", headers=foreign),
+                     client.put("/customers/1", json={"name": "Eve"}, headers=foreign),
+                     client.post("/customers", json={"name": "Eve"}, headers=foreign),
+                     client.delete("/customers/1", headers=foreign)):
+        assert response.status_code == 421
+        assert response.get_json()["message"].startswith(f"Host {host!r} is not a name of this "
+                                                         "machine: without API tokens")
+    assert stored_keys() == ["customer:1"]
+    assert client.get("/customers/1").get_json() == {"id": "1", "name": "Ada"}
+    # Health checks answer whatever the Host.
+    assert client.get("/healthz", headers=foreign).status_code == 200
+
+
+@pytest.mark.parametrize("host", LOCAL_HOSTS)
+def test_open_on_loopback_a_request_for_this_machine_is_served(redis_client, host):
+    client = create_app(Config(), redis_client).test_client()
+    response = client.put("/customers/1", json={"name": "Ada"}, headers={"Host": host})
+    assert response.status_code == 201
+    assert client.get("/customers/1", headers={"Host": host}).status_code == 200
+
+
+def test_any_host_is_served_with_tokens_or_open_beyond_loopback(redis_client):
+    with_tokens = create_app(Config(api_tokens=TOKENS), redis_client).test_client()
+    assert with_tokens.get("/customers", headers={
+        "Host": "api.example.com", **bearer(TOKENS[0])}).status_code == 200
+    # Open on purpose (AUTH=none) beyond loopback: names are the network's.
+    open_everywhere = create_app(Config(host="0.0.0.0"), redis_client).test_client()
+    assert open_everywhere.get("/customers", headers={"Host": "api.internal"}).status_code == 200

@@ -400,15 +400,15 @@ def _answers(port, data: bytes) -> bytes:
 def test_what_is_not_http_is_refused_by_the_server_and_nothing_runs(memorydb_cluster):
     env = {**memorydb_cluster.service_env(), "API_TOKENS": TOKEN, "WORKERS": "1"}
     auth = f"Authorization: Bearer {TOKEN}\r\n".encode()
-    put = (b"PUT /customers/smuggled HTTP/1.1\r\nHost: x\r\n" + auth
+    put = (b"PUT /customers/smuggled HTTP/1.1\r\nHost: 127.0.0.1\r\n" + auth
            + b"Content-Type: application/json\r\nContent-Length: 14\r\n\r\n{\"name\":\"Eve\"}")
     with ServiceProcess(env) as service:
         for data, status in [
-            (b"G\x01T /customers HTTP/1.1\r\nHost: x\r\n\r\n" + put, b"400"),
-            (b"GET /customers/1 HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n" + put, b"400"),
-            (b"GET /customers/1 HTTP/1.1\r\nHost: x\r\n"
+            (b"G\x01T /customers HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" + put, b"400"),
+            (b"GET /customers/1 HTTP/1.1\r\nHost: 127.0.0.1\r\nX-A: a\x00b\r\n\r\n" + put, b"400"),
+            (b"GET /customers/1 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
              + b"".join(b"X-%d: v\r\n" % n for n in range(101)) + b"\r\n" + put, b"431"),
-            (b"POST /customers HTTP/1.1\r\nHost: x\r\n" + auth + b"Content-Type: "
+            (b"POST /customers HTTP/1.1\r\nHost: 127.0.0.1\r\n" + auth + b"Content-Type: "
              b"application/json\r\nContent-Length: 14\r\nContent-Length: 15\r\n\r\n" + put, b"400"),
         ]:
             answers = _answers(service.port, data)
@@ -417,9 +417,24 @@ def test_what_is_not_http_is_refused_by_the_server_and_nothing_runs(memorydb_clu
             assert answers.count(b"HTTP/1.1 ") == 1
             assert answers.endswith(b"\r\n\r\n")
         # Both lengths: the body is read as chunked (empty here), then the connection closes.
-        smuggling = (b"POST /customers HTTP/1.1\r\nHost: x\r\n" + auth + b"Content-Type: "
+        smuggling = (b"POST /customers HTTP/1.1\r\nHost: 127.0.0.1\r\n" + auth + b"Content-Type: "
                      b"application/json\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
                      b"0\r\n\r\n" + put)
         answers = _answers(service.port, smuggling)
         assert answers.startswith(b"HTTP/1.1 400 ") and answers.count(b"HTTP/1.1 ") == 1
         assert send(service.port, "GET", "/customers", token=TOKEN) == (200, "[]\n")
+
+
+@pytest.mark.cluster
+@pytest.mark.usefixtures("empty_memorydb_cluster")
+def test_the_real_service_open_on_loopback_answers_another_hosts_name_with_421(memorydb_cluster):
+    env = {**memorydb_cluster.service_env(), "WORKERS": "1"}
+    with ServiceProcess(env) as service:
+        assert send(service.port, "PUT", "/customers/1", {"name": "Ada"})[0] == 201
+        # What a browser sends for a page whose name now points at 127.0.0.1.
+        for head in (b"GET /customers HTTP/1.1\r\nHost: evil.example:%d\r\n\r\n" % service.port,
+                     b"DELETE /customers/1 HTTP/1.1\r\nHost: evil.example\r\n\r\n"):
+            response = raw_request(service.port, head)
+            assert response.status == 421
+            assert json.loads(response.body)["message"].startswith("Host 'evil.example")
+        assert send(service.port, "GET", "/customers") == (200, '[{"id":"1","name":"Ada"}]\n')

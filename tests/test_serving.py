@@ -191,7 +191,7 @@ def test_a_client_that_never_finishes_its_request_delays_a_stop_by_at_most_the_d
         try:
             _first_answer(f"http://127.0.0.1:{port}/customers", service, log)
             with socket.create_connection(("127.0.0.1", port), timeout=5) as slow:
-                slow.sendall(b"PUT /customers/9 HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                slow.sendall(b"PUT /customers/9 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
                              b"application/json\r\nContent-Length: 100\r\n\r\n{\"na")
                 time.sleep(0.3)
                 started = time.monotonic()

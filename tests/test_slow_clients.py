@@ -116,7 +116,7 @@ def test_a_slow_upload_is_answered_408_and_stores_nothing(service):
     """A PUT body at 100 bytes a second is refused with 408 after the grace, and logged."""
     body = b'{"name": "' + b"x" * 1988 + b'"}'
     sock = socket.create_connection(("127.0.0.1", service.port))
-    sock.sendall(f"PUT /customers/slow-upload HTTP/1.1\r\nHost: x\r\nContent-Type: "
+    sock.sendall(f"PUT /customers/slow-upload HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
                  f"application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode())
     sock.setblocking(False)
     started, answer = time.monotonic(), b""
@@ -143,7 +143,7 @@ def test_a_slow_upload_is_answered_408_and_stores_nothing(service):
 def test_a_silent_upload_and_an_idle_connection_are_closed(service):
     """Headers promising a body that never comes, and a connection sending nothing: closed."""
     silent = socket.create_connection(("127.0.0.1", service.port))
-    silent.sendall(b"PUT /customers/silent HTTP/1.1\r\nHost: x\r\nContent-Type: "
+    silent.sendall(b"PUT /customers/silent HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
                    b"application/json\r\nContent-Length: 100\r\n\r\n")
     idle = socket.create_connection(("127.0.0.1", service.port))
     started = time.monotonic()
@@ -163,7 +163,7 @@ def test_a_chunked_body_is_read_whole_and_over_the_limit_refused(service, size, 
     """A chunked body, read before the app runs, counts against MAX_BODY_BYTES as any other."""
     body = b'{"name": "' + b"x" * (size - 12) + b'"}'
     with socket.create_connection(("127.0.0.1", service.port), timeout=10) as sock:
-        sock.sendall(b"PUT /customers/chunked HTTP/1.1\r\nHost: x\r\nContent-Type: "
+        sock.sendall(b"PUT /customers/chunked HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
                      b"application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
                      + b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n")
         answer = sock.recv(4096)
@@ -176,7 +176,7 @@ def test_a_list_read_past_send_timeout_is_cut_off_unclosed(many_customers):
            "MIN_SEND_RATE": "0"}
     with ServiceProcess(env) as service:
         with socket.create_connection(("127.0.0.1", service.port), timeout=10) as sock:
-            sock.sendall(b"GET /customers HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            sock.sendall(b"GET /customers HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
             started, received = time.monotonic(), b""
             while chunk := sock.recv(32 * 1024):  # at most 640 KB a second
                 received += chunk

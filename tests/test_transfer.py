@@ -281,7 +281,7 @@ def test_an_import_larger_than_max_body_bytes_streams_through_the_real_service(
         # 429 at once, and the worker serves everything else meanwhile.
         held = lines({"id": "held", "n": 1})
         first = socket.create_connection(("127.0.0.1", service.port), timeout=10)
-        first.sendall(b"POST /customers HTTP/1.1\r\nHost: x\r\nContent-Type: "
+        first.sendall(b"POST /customers HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
                       b"application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\r\n"
                       + b"%x\r\n" % len(held) + held + b"\r\n")
         time.sleep(0.5)  # nothing outside the worker tells that it is reading the body
