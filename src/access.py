@@ -1,5 +1,6 @@
 """Who may use the service: bearer tokens on every path but the health checks, safe headers."""
 
+import functools
 import hashlib
 import hmac
 import logging
@@ -88,6 +89,7 @@ class Guard:
         return response
 
 
+@functools.lru_cache(maxsize=256)  # a few names come again and again: parsed once
 def names_this_machine(host_header: str) -> bool:
     """Tell whether a Host header names a loopback address, localhost or a *.localhost name
     (or 0.0.0.0, which reaches this machine too)."""
