@@ -196,8 +196,7 @@ class LazyCluster:
             else:
                 self._probe_down_nodes()
                 self._relearn_layout()
-            if self._client is not None:
-                self._read_eviction_policies()
+                self._read_eviction_policies()  # of new primaries, and of those down before
             if self._client is None or self.outages.down():
                 self._stopped.wait(KEEPER_PAUSE_SECONDS)
             else:
@@ -213,6 +212,9 @@ class LazyCluster:
             self._client = client
             self.outages.back(self._startup)
             log.info("connected to the database at %s", self._startup)
+            # Before requests go ahead: its connections are then made while they wait, not
+            # later beside theirs.
+            self._read_eviction_policies()
         finally:
             self._tried.set()
 
