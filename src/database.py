@@ -91,14 +91,16 @@ def classified(error: BaseException) -> BaseException:
     error itself: redis-py gives most of them as a plain ResponseError."""
     if isinstance(error, Refusing) or not isinstance(error, rx.ResponseError):
         return error
-    if isinstance(error, rx.OutOfMemoryError):  # redis-py drops the reply's "OOM"
-        return Refusing("OOM", f"OOM {error}")
     text = str(error)
-    code = text.split(" ", 1)[0]
+    # A reply redis-py has a class for (OOM, and any it adds) loses its first word to
+    # status_code; the others keep it.
+    code = getattr(error, "status_code", None) or text.split(" ", 1)[0]
     # Redis 6.2 wraps what a script's command met in an ERR (redis-py drops the "ERR").
     if code == "Error" and (wrapped := SCRIPT_ERROR.match(text)):
         code = wrapped.group(1)
-    return Refusing(code, text) if code in REFUSALS else error
+    if code not in REFUSALS:
+        return error
+    return Refusing(code, text if text.startswith(code) else f"{code} {text}")
 
 
 class ReplicasBehind(rx.RedisError):
@@ -231,6 +233,8 @@ class LazyCluster:
                          "be noeviction", node.name, error)
                 continue
             except Exception as error:  # noqa: BLE001 - read again at the next round
+                # A node that timed out is down: requests fail at once, and it is probed.
+                self.outages.failed(error, node.name)
                 log.debug("reading the maxmemory-policy of %s failed: %s", node.name, error)
                 continue
             self._policies_read.add(node.name)

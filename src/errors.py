@@ -54,8 +54,7 @@ def response_error(error: ResponseError):
     refusing = classified(error)
     if isinstance(refusing, Refusing):
         return database_unavailable(refusing)
-    log.error("unhandled error", exc_info=error)
-    return _json(500, "internal error")
+    return internal_error(InternalServerError(original_exception=error))
 
 
 def internal_error(error: InternalServerError):

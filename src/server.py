@@ -85,9 +85,14 @@ class AnyId(PathConverter):
 class JsonApi(Api):
     """Flask-RESTful's Api, leaving every error to the app's JSON error handlers."""
 
-    def handle_error(self, e):
-        """Re-raise, so that Flask's handlers (see errors.py) answer."""
-        raise e
+    def error_router(self, original_handler, e):
+        """Hand every error to Flask's handlers (see errors.py).
+
+        Flask-RESTful's own router first matches the request's URL again to see whether the
+        error came from one of its routes; with a Host that werkzeug cannot bind (a label over
+        63 characters), that match raises anew, outside every handler: a bare 500.
+        """
+        return original_handler(e)
 
 
 def page_arguments() -> tuple[int, str | None] | None:

@@ -162,6 +162,27 @@ def test_open_on_loopback_a_request_for_another_host_is_421_and_changes_nothing(
     assert client.get("/healthz", headers=foreign).status_code == 200
 
 
+# A DNS label over 63 characters is a name werkzeug cannot bind: Flask-RESTful's error router
+# once matched the URL again while answering, and the service answered a bare 500.
+FORGED_HOSTS = ["a" * 5000 + ".example", "a" * 64, "caf\xe9.example", "localhost\x7f.example"]
+
+
+def test_a_forged_host_of_any_size_or_bytes_is_421_naming_at_most_100_characters(redis_client):
+    client = create_app(Config(), redis_client).test_client()
+    for host in FORGED_HOSTS:
+        response = client.get("/customers", headers={"Host": host})
+        assert response.status_code == 421
+        assert response.get_json()["message"].startswith(f"Host {host[:100]!r} is not a name")
+
+
+def test_with_tokens_a_host_werkzeug_cannot_read_is_a_json_400(redis_client):
+    client = create_app(Config(api_tokens=TOKENS), redis_client).test_client()
+    for host in FORGED_HOSTS[:2]:
+        response = client.get("/customers", headers={"Host": host, **bearer(TOKENS[0])})
+        assert response.status_code == 400
+        assert response.mimetype == "application/json"
+
+
 @pytest.mark.parametrize("host", LOCAL_HOSTS)
 def test_open_on_loopback_a_request_for_this_machine_is_served(redis_client, host):
     client = create_app(Config(), redis_client).test_client()

@@ -437,4 +437,9 @@ def test_the_real_service_open_on_loopback_answers_another_hosts_name_with_421(m
             response = raw_request(service.port, head)
             assert response.status == 421
             assert json.loads(response.body)["message"].startswith("Host 'evil.example")
+        # A label werkzeug cannot bind once made a bare 500.
+        response = raw_request(service.port, b"GET /customers HTTP/1.1\r\nHost: %s\r\n\r\n"
+                               % (b"a" * 64))
+        assert response.status == 421
+        assert json.loads(response.body)["message"].startswith("Host 'aaaa")
         assert send(service.port, "GET", "/customers") == (200, '[{"id":"1","name":"Ada"}]\n')
