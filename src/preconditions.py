@@ -3,14 +3,13 @@
 from flask import Response, request
 
 import errors
-from representation import canonical, fingerprint, version
+from representation import tagged_body, version
 
 
 def tagged(customer: dict, read: bool = True) -> Response:
     """Answer with a customer and its strong ETag; for a read, 412 when If-Match does not name
     it and 304 when If-None-Match does (a write checked its conditions before writing)."""
-    body = canonical(customer)
-    etag = fingerprint(body)
+    body, etag = tagged_body(customer)
     headers = {"ETag": f'"{etag}"'}
     if read and (unchanged := read_condition(customer["id"], etag)):
         unchanged.headers.update(headers)
