@@ -46,7 +46,7 @@ reliability: $(DEV_INSTALLED) ## Run the fault tests and print a table per fault
 		tests/test_faults.py tests/test_embedded_faults.py tests/test_idempotency_faults.py; \
 		status=$$?; echo; cat $(VENV)/reliability.md; exit $$status
 
-bench: $(DEV_INSTALLED) $(ORIGINAL_INSTALLED) ## Benchmark against the original (rebuilt, and on its own client) with appendfsync everysec and always; where a POST's time goes; an Idempotency-Key's, metrics' and a request's CPU cost (about 15 minutes; installs wrk)
+bench: $(DEV_INSTALLED) $(ORIGINAL_INSTALLED) ## Benchmark against the original (rebuilt, and on its own client) with appendfsync everysec and always; where a POST's time goes; an Idempotency-Key's, metrics' and a request's CPU cost; workers on CPUs of their own (about 18 minutes; installs wrk)
 	command -v wrk >/dev/null || apt-get install -y wrk || (apt-get update && apt-get install -y wrk)
 	$(BIN)/python benchmarks/bench.py --appendfsync everysec
 	$(BIN)/python benchmarks/bench.py --appendfsync always --requests-only
@@ -54,6 +54,7 @@ bench: $(DEV_INSTALLED) $(ORIGINAL_INSTALLED) ## Benchmark against the original 
 	$(BIN)/python benchmarks/idempotency_cost.py
 	$(BIN)/python benchmarks/metrics_overhead.py
 	$(BIN)/python benchmarks/cpu_per_request.py
+	$(BIN)/python benchmarks/worker_cpus.py
 
 fuzz: $(DEV_INSTALLED) ## Fuzz a running service against the document it serves: make fuzz [URL=...] [TOKEN=...] [EXAMPLES=500]
 	$(BIN)/python -c 'import sys, urllib.request as u; sys.stdout.buffer.write(u.urlopen(u.Request(sys.argv[1] + "/openapi.json", headers={"Authorization": "Bearer " + sys.argv[2]} if sys.argv[2] else {}), timeout=10).read())' \

@@ -25,6 +25,8 @@ class Config:
     # One worker process per core; a few threads each overlap the waits on Redis (more
     # threads only fight over the GIL: 8 cost more CPU per request and a worse p99 than 4).
     workers: int = field(default_factory=lambda: min(os.cpu_count() or 1, 16))
+    # With one worker for each CPU the service may use, each on its own (worker_cpus.py).
+    pin_workers: bool = True
     threads: int = 4
     db_host: str | None = None
     db_port: int = 6379
@@ -228,6 +230,7 @@ def load_config(env=None) -> Config:
         port=_integer(env, "PORT", Config.port, 1, 65535),
         workers=_integer(env, "WORKERS", Config().workers, 1, 64),
         threads=_integer(env, "THREADS", Config.threads, 1, 256),
+        pin_workers=_flag(env, "PIN_WORKERS", Config.pin_workers),
         db_host=db_host,
         db_port=_integer(env, "DBPORT", Config.db_port, 1, 65535, "DB_PORT"),
         db_username=_get(env, "DBUSERNAME", "DB_USERNAME"),
