@@ -10,6 +10,7 @@ import multiprocessing
 import os
 
 log = logging.getLogger(__name__)
+LOCK_SECONDS = 5
 
 
 def _running(pid: int) -> bool:
@@ -28,7 +29,7 @@ class WorkerCpus:
         self.cpus = cpus
         # Made before the workers are forked and shared with them: for each CPU, the pid of
         # the worker on it and when it claimed it (a count of claims).
-        self._owners = multiprocessing.Array("q", 2 * len(cpus))
+        self._owners = multiprocessing.Array("q", 2 * len(cpus), lock=multiprocessing.Lock())
 
     @classmethod
     def for_workers(cls, workers: int, enabled: bool = True) -> "WorkerCpus | None":
@@ -42,19 +43,30 @@ class WorkerCpus:
             return None
         return cls(cpus)
 
-    def claim(self) -> int:
+    def claim(self) -> int | None:
         """Take a CPU for this worker: one whose worker has ended, else the one claimed longest
-        ago (a worker started while all run, as on SIGHUP, replaces the oldest)."""
-        owners, count = self._owners, len(self.cpus)
-        with owners.get_lock():
+        ago (a worker started while all run, as on SIGHUP, replaces the oldest); None when
+        the claims stay locked."""
+        count, lock = len(self.cpus), self._owners.get_lock()
+        # A worker killed while it held the lock would hold it for good: its successors go on.
+        if not lock.acquire(timeout=LOCK_SECONDS):
+            return None
+        try:
+            owners = self._owners.get_obj()  # the array itself: its items take no lock
             free = [at for at in range(count) if not _running(owners[2 * at])]
             at = free[0] if free else min(range(count), key=lambda at: owners[2 * at + 1])
             owners[2 * at], owners[2 * at + 1] = os.getpid(), max(owners[1::2]) + 1
+        finally:
+            lock.release()
         return self.cpus[at]
 
     def pin_this_worker(self) -> int | None:
         """Run every thread of this process, and those it starts later, on a CPU of its own."""
         cpu = self.claim()
+        if cpu is None:
+            log.warning("worker %d left to the kernel: the CPUs' claims stayed locked for %d s",
+                        os.getpid(), LOCK_SECONDS)
+            return None
         try:
             for thread in os.listdir("/proc/self/task"):
                 os.sched_setaffinity(int(thread), {cpu})

@@ -6,6 +6,7 @@ import os
 import psutil
 import pytest
 
+import worker_cpus
 from http_client import call
 from service_process import ServiceProcess
 from worker_cpus import WorkerCpus
@@ -69,6 +70,24 @@ def test_a_worker_started_while_all_run_takes_the_cpu_claimed_longest_ago():
         assert workers.start() == second
     finally:
         workers.end_all()
+
+
+def test_a_worker_whose_claim_stays_locked_or_whose_cpu_is_refused_is_left_to_the_kernel(
+        monkeypatch, caplog):
+    before = os.sched_getaffinity(0)
+    locked = WorkerCpus(ALLOWED)
+    monkeypatch.setattr(worker_cpus, "LOCK_SECONDS", 0.1)
+    # As if a worker had been killed while it held the lock.
+    assert locked._owners.get_lock().acquire(timeout=1)
+    try:
+        assert locked.pin_this_worker() is None
+        assert "claims stayed locked" in caplog.text
+        # A CPU this process may not use (taken away by the container's cpuset, say).
+        assert WorkerCpus([max(ALLOWED) + 4096]).pin_this_worker() is None
+        assert "cannot run it on CPU" in caplog.text
+        assert os.sched_getaffinity(0) == before
+    finally:
+        os.sched_setaffinity(0, before)  # the tests after this one start services from here
 
 
 @pytest.mark.parametrize(("workers", "enabled"), [(len(ALLOWED) + 1, True), (1, True),
