@@ -12,6 +12,13 @@ TOKEN_PATTERN = re.compile(r"[A-Za-z0-9._~+/-]+=*")
 MIN_TOKEN_LENGTH = 16
 
 
+def usable_cpus() -> int:
+    """Return how many CPUs this process may run on (all of the machine's where unknown)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 class ConfigError(Exception):
     """A configuration value that the service cannot run with."""
 
@@ -22,9 +29,10 @@ class Config:
 
     host: str = "127.0.0.1"
     port: int = 8080
-    # One worker process per core; a few threads each overlap the waits on Redis (more
-    # threads only fight over the GIL: 8 cost more CPU per request and a worse p99 than 4).
-    workers: int = field(default_factory=lambda: min(os.cpu_count() or 1, 16))
+    # One worker process per CPU it may use (a container's cpuset, taskset); a few threads
+    # each overlap the waits on Redis (more threads only fight over the GIL: 8 cost more CPU
+    # per request and a worse p99 than 4).
+    workers: int = field(default_factory=lambda: min(usable_cpus(), 16))
     # With one worker for each CPU the service may use, each on its own (worker_cpus.py).
     pin_workers: bool = True
     threads: int = 4

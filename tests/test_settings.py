@@ -1,8 +1,15 @@
 """Configuration comes from the environment, with the original example's names."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from settings import Config, ConfigError, load_config
+
+SRC = Path(__file__).resolve().parent.parent / "src"
 
 
 def test_defaults_serve_on_loopback_with_the_embedded_database():
@@ -10,6 +17,17 @@ def test_defaults_serve_on_loopback_with_the_embedded_database():
     assert (config.host, config.port) == ("127.0.0.1", 8080)
     assert config.embedded
     assert not config.db_tls
+
+
+def test_workers_default_to_the_cpus_the_service_may_use_not_the_machines():
+    # A container limited to some CPUs (docker --cpuset-cpus), as taskset limits this child.
+    allowed = sorted(os.sched_getaffinity(0))
+    script = "from settings import load_config; print(load_config({}).workers)"
+    one = subprocess.run([sys.executable, "-c", script], cwd=SRC, capture_output=True,
+                         text=True, check=True,
+                         preexec_fn=lambda: os.sched_setaffinity(0, allowed[:1])).stdout
+    assert int(one) == 1
+    assert load_config({}).workers == min(len(allowed), 16)
 
 
 def test_the_original_names_configure_the_database_with_tls_on():
