@@ -29,7 +29,8 @@ class WorkerCpus:
         self.cpus = cpus
         # Made before the workers are forked and shared with them: for each CPU, the pid of
         # the worker on it and when it claimed it (a count of claims).
-        self._owners = multiprocessing.Array("q", 2 * len(cpus), lock=multiprocessing.Lock())
+        self._owners = multiprocessing.RawArray("q", 2 * len(cpus))
+        self._lock = multiprocessing.Lock()
 
     @classmethod
     def for_workers(cls, workers: int, enabled: bool = True) -> "WorkerCpus | None":
@@ -47,17 +48,16 @@ class WorkerCpus:
         """Take a CPU for this worker: one whose worker has ended, else the one claimed longest
         ago (a worker started while all run, as on SIGHUP, replaces the oldest); None when
         the claims stay locked."""
-        count, lock = len(self.cpus), self._owners.get_lock()
+        owners, count = self._owners, len(self.cpus)
         # A worker killed while it held the lock would hold it for good: its successors go on.
-        if not lock.acquire(timeout=LOCK_SECONDS):
+        if not self._lock.acquire(timeout=LOCK_SECONDS):
             return None
         try:
-            owners = self._owners.get_obj()  # the array itself: its items take no lock
             free = [at for at in range(count) if not _running(owners[2 * at])]
             at = free[0] if free else min(range(count), key=lambda at: owners[2 * at + 1])
             owners[2 * at], owners[2 * at + 1] = os.getpid(), max(owners[1::2]) + 1
         finally:
-            lock.release()
+            self._lock.release()
         return self.cpus[at]
 
     def pin_this_worker(self) -> int | None:

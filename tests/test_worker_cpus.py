@@ -78,7 +78,7 @@ def test_a_worker_whose_claim_stays_locked_or_whose_cpu_is_refused_is_left_to_th
     locked = WorkerCpus(ALLOWED)
     monkeypatch.setattr(worker_cpus, "LOCK_SECONDS", 0.1)
     # As if a worker had been killed while it held the lock.
-    assert locked._owners.get_lock().acquire(timeout=1)
+    assert locked._lock.acquire(timeout=1)
     try:
         assert locked.pin_this_worker() is None
         assert "claims stayed locked" in caplog.text
