@@ -21,6 +21,8 @@ from pathlib import Path
 
 from flask import Response, request
 
+from worker_cpus import service_process
+
 log = logging.getLogger(__name__)
 DIRECTORY = "PROMETHEUS_MULTIPROC_DIR"
 # Latencies from 1 ms to 10 s.
@@ -128,16 +130,6 @@ def start() -> Metrics:
     return _metrics
 
 
-def _alive(pid: int, parent: int) -> bool:
-    """Tell whether pid is the service's main process or a running worker of it (Linux)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    state, ppid = stat.rsplit(")", 1)[1].split()[:2]
-    return state not in ("Z", "X") and parent in (pid, int(ppid))
-
-
 def forget_dead_processes(directory: str) -> None:
     """Drop the live gauges' files of processes that have ended (a worker granian replaced)."""
     if not Path("/proc/self/stat").exists():
@@ -145,7 +137,7 @@ def forget_dead_processes(directory: str) -> None:
     parent = os.getppid()
     for path in Path(directory).glob("gauge_live*_*.db"):
         pid = int(path.stem.rsplit("_", 1)[1])
-        if not _alive(pid, parent):
+        if not service_process(pid, parent):
             start().multiprocess.mark_process_dead(pid, directory)
 
 

@@ -13,13 +13,15 @@ log = logging.getLogger(__name__)
 LOCK_SECONDS = 5
 
 
-def _running(pid: int) -> bool:
-    """Tell whether a process runs (is neither gone nor a zombie)."""
+def service_process(pid: int, parent: int) -> bool:
+    """Tell whether pid is the main process (parent) or a running worker of it (Linux): a
+    worker that has ended is gone or a zombie, and its pid may since name another program."""
     try:
         with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
+            state, ppid = stat.read().rsplit(")", 1)[1].split()[:2]
+    except (OSError, ValueError):
         return False
+    return state not in ("Z", "X") and parent in (pid, int(ppid))
 
 
 class WorkerCpus:
@@ -53,7 +55,9 @@ class WorkerCpus:
         if not self._lock.acquire(timeout=LOCK_SECONDS):
             return None
         try:
-            free = [at for at in range(count) if not _running(owners[2 * at])]
+            parent = os.getppid()
+            free = [at for at in range(count)
+                    if not service_process(owners[2 * at], parent)]
             at = free[0] if free else min(range(count), key=lambda at: owners[2 * at + 1])
             owners[2 * at], owners[2 * at + 1] = os.getpid(), max(owners[1::2]) + 1
         finally:

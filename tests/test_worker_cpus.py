@@ -61,6 +61,13 @@ def test_workers_claim_each_cpu_once_and_a_replacement_takes_the_one_freed():
         workers.end_all()
 
 
+def test_a_cpu_whose_worker_pid_now_names_another_program_is_free():
+    cpus = WorkerCpus([5, 7])
+    # The worker on CPU 5 ended long ago, and its pid is now init's: no worker of this service.
+    cpus._owners[:] = [1, 1, 0, 0]
+    assert cpus.claim() == 5
+
+
 def test_a_worker_started_while_all_run_takes_the_cpu_claimed_longest_ago():
     # As on SIGHUP: granian starts each new worker before it stops the old one.
     workers = Workers(WorkerCpus([0, 1]))
